@@ -46,3 +46,10 @@ def int8_linear_ref(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*shape[:-1], int8_weight.shape[0])
+
+
+def int8_linear(
+    x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8 linear, (..., in) -> (..., out) in x's dtype; the entry point model code calls."""
+    return int8_linear_ref(x, int8_weight, scale, bias)
