@@ -24,7 +24,8 @@ def wan_rope_reference(x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Ten
     c = d // 2
 
     def params(dim):
-        angles = torch.outer(torch.arange(1024.0, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, dim, 2).double() / dim))
+        freqs = 1.0 / 10000 ** (torch.arange(0, dim, 2).double() / dim)
+        angles = torch.outer(torch.arange(1024.0, dtype=torch.float64), freqs)
         return torch.polar(torch.ones_like(angles), angles)
 
     freqs = torch.cat([params(d - 4 * (d // 6)), params(2 * (d // 6)), params(2 * (d // 6))], dim=1)
@@ -76,7 +77,7 @@ def tiny_inputs(batch=1, in_dim=16, text_rows=TINY.text_len):
 def test_random_weights_are_seeded_and_sane(tiny_dit):
     again = load_dit(None, TINY, dtype=torch.float32, seed=7)
     other = load_dit(None, TINY, dtype=torch.float32, seed=8)
-    for (name, a), b, c in zip(tiny_dit.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
+    for (name, a), b in zip(tiny_dit.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
         if "proj_l" in name:
             assert not a.any()
@@ -133,7 +134,8 @@ def test_attention_type_is_chosen_per_call(tiny_dit):
         zeroed = tiny_dit(x, t, context, AttentionMetadata("test-zero"))
         again = tiny_dit(x, t, context)
     tokens = 2 * 3 * 4
-    assert _calls == [((1, tokens, TINY.num_heads, TINY.head_dim), block.self_attn.proj_l, 0.5) for block in tiny_dit.blocks]
+    layout = (1, tokens, TINY.num_heads, TINY.head_dim)  # (B, L, H, D)
+    assert _calls == [(layout, block.self_attn.proj_l, 0.5) for block in tiny_dit.blocks]
     assert torch.allclose(recorded, original, atol=1e-6)
     assert not torch.allclose(zeroed, original, atol=1e-3)
     assert torch.equal(again, original)

@@ -91,15 +91,14 @@ def turbo_state_dict(wan: dict[str, torch.Tensor], seed: int = 1) -> dict[str, t
     return out
 
 
-def is_block_linear(key: str) -> bool:
-    return re.match(r"^blocks\.\d+\..*(self_attn|cross_attn)\.[qkvo]\.weight$|^blocks\.\d+\..*ffn\.[02]\.weight$", key) is not None
+BLOCK_LINEAR = re.compile(r"^blocks\.\d+\..*((self_attn|cross_attn)\.[qkvo]|ffn\.[02])\.weight$")
 
 
 def quantized_state_dict(turbo: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(TurboDiffusion -quant state dict, the same weights dequantised back to float)."""
     quant, dequant = {}, {}
     for key, value in turbo.items():
-        if is_block_linear(key):
+        if BLOCK_LINEAR.match(key):
             q, s = quantize_tiles(value)
             quant[key.replace(".weight", ".int8_weight")], quant[key.replace(".weight", ".scale")] = q, s
             dequant[key] = dequantize_tiles(q, s)
@@ -178,6 +177,19 @@ def test_bare_file_config_comes_from_shapes_and_presets(t2v, tmp_path):
     torch.save(wan_state_dict(t2v[0]), tmp_path / "dit.pth")
     # The sizes match the tiny-t2v preset, which supplies the head count (64-wide heads, not 128).
     assert load_dit(tmp_path / "dit.pth", dtype=torch.float32).config == TINY
+
+
+def test_training_checkpoint_container_and_prefix_are_unwrapped(t2v, tmp_path):
+    wan = wan_state_dict(t2v[0])
+    torch.save({"state_dict": {"net." + k: v for k, v in wan.items()}}, tmp_path / "train.pth")
+    assert inspect_dit_checkpoint(tmp_path / "train.pth").prefix == "net."
+    loaded = load_dit(tmp_path / "train.pth", TINY, dtype=torch.float32)
+    assert torch.equal(loaded.blocks[1].ffn[2].weight, wan["blocks.1.ffn.2.weight"])
+    with_ema = {"net." + k: v for k, v in wan.items()}
+    with_ema["net_ema.patch_embedding.weight"] = wan["patch_embedding.weight"]
+    torch.save(with_ema, tmp_path / "two.pth")
+    with pytest.raises(ValueError, match="several DiTs"):
+        load_dit(tmp_path / "two.pth", TINY)
 
 
 def test_turbodiffusion_naming_loads_same_weights_plus_proj_l(t2v, tmp_path):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from turbo_kernels.w8a8 import TILE
 from turbo_serve.models.checkpoint import (
     CheckpointKeyError,
     LazyStateDict,
@@ -33,7 +34,6 @@ from turbo_serve.models.checkpoint import (
 from turbo_serve.models.configs import PRESETS, WanDiTConfig
 from turbo_serve.models.quant import quantize_linears
 from turbo_serve.models.wan_dit import WanDiT, init_random_weights
-from turbo_kernels.w8a8 import TILE
 
 WRAPPER_INFIX = "_checkpoint_wrapped_module."
 """Infix of torch's activation-checkpoint wrapper, present in TurboDiffusion's released state dicts."""
@@ -82,6 +82,7 @@ _FUSED = {
 _DIFFUSERS_MARKERS = ("condition_embedder.", "proj_out.", "scale_shift_table")
 _CLIP_MARKERS = ("img_emb.", ".k_img.", ".v_img.", "image_embedder.", ".add_k_proj.", ".add_v_proj.")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_CONFIG_FIELDS = {f.name for f in fields(WanDiTConfig)}
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class DiTCheckpointFormat:
     """Leading prefix stripped from every key (e.g. `model.diffusion_model.`)."""
 
     def __str__(self) -> str:
-        name = "turbodiffusion" if self.turbodiffusion else self.naming
+        name = "turbodiffusion" if self.turbodiffusion and self.naming == "wan" else self.naming
         return name + ("-quant" if self.quantized else "")
 
 
@@ -206,10 +207,8 @@ def config_from_json(config: dict[str, Any]) -> WanDiTConfig | None:
     if class_name == "WanModel":
         _require(config, {"qk_norm": True, "cross_attn_norm": True}, "WanModel")
         if tuple(config.get("window_size", (-1, -1))) != (-1, -1):
-            raise ValueError(f"window_size {config['window_size']} is not supported; Wan uses global attention (-1, -1)")
-        names = {"dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "text_len",
-                 "freq_dim", "eps", "patch_size"}  # fmt: skip
-        values = {k: config[k] for k in names if k in config}
+            raise ValueError(f"window_size {config['window_size']} is not supported; Wan attends globally (-1, -1)")
+        values = {k: v for k, v in config.items() if k in _CONFIG_FIELDS}
     elif class_name == "WanTransformer3DModel":
         _require(
             config,
@@ -221,6 +220,8 @@ def config_from_json(config: dict[str, Any]) -> WanDiTConfig | None:
         renamed = {"in_channels": "in_dim", "out_channels": "out_dim", "rope_max_seq_len": "rope_max_positions"}
         values = {renamed.get(k, k): v for k, v in config.items() if renamed.get(k, k) in _CONFIG_FIELDS}
         values.update(dim=heads * head_dim, num_heads=heads)
+        if values.get("out_dim") is None:  # diffusers: out_channels None means in_channels
+            values["out_dim"] = values.get("in_dim", WanDiTConfig.in_dim)
     elif class_name is None:
         return None
     else:
@@ -229,8 +230,6 @@ def config_from_json(config: dict[str, Any]) -> WanDiTConfig | None:
         values["patch_size"] = tuple(values["patch_size"])
     return WanDiTConfig(**values)
 
-
-_CONFIG_FIELDS = {f.name for f in fields(WanDiTConfig)}
 
 
 def _require(config: dict[str, Any], required: dict[str, Any], what: str) -> None:

@@ -29,6 +29,8 @@ ROPE_THETA = 10000.0
 # modulation tables, and the per-tile scales of Int8Linear.
 _FP32_SUFFIXES = ("modulation", ".scale")
 _FP32_INFIX = "proj_l."
+DEFAULT_ATTENTION = AttentionMetadata()
+"""Dense SDPA ("original"): what a forward without attention settings uses."""
 # Grids whose RoPE tables a model keeps (one per resolution in use).
 _ROPE_CACHE_SIZE = 8
 
@@ -49,7 +51,7 @@ def rope_tables(
     computed in float64 like Wan's complex tables.
     """
     angles = []
-    for size, dim, shape in zip(grid, rope_axis_dims(head_dim), ((-1, 1, 1), (1, -1, 1), (1, 1, -1))):
+    for size, dim, shape in zip(grid, rope_axis_dims(head_dim), ((-1, 1, 1), (1, -1, 1), (1, 1, -1)), strict=True):
         freqs = ROPE_THETA ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         axis = torch.outer(torch.arange(size, dtype=torch.float64, device=device), freqs)
         angles.append(axis.view(*shape, dim // 2).expand(*grid, dim // 2))
@@ -249,7 +251,7 @@ class WanDiT(nn.Module):
         x: torch.Tensor,
         timestep: torch.Tensor,
         context: torch.Tensor,
-        attention: AttentionMetadata = AttentionMetadata(),
+        attention: AttentionMetadata = DEFAULT_ATTENTION,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
