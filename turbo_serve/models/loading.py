@@ -126,8 +126,9 @@ def _wan_to_diffusers(key: str) -> str:
     return block + _rename(rest, {new: old for old, new in table.items()})
 
 
-def _strip_prefix(keys: list[str]) -> str:
-    anchors = [k for k in keys if k.replace(WRAPPER_INFIX, "").endswith(ANCHOR_KEY)]
+def _common_prefix(keys: list[str]) -> str:
+    """What precedes ANCHOR_KEY, checked to lead every key ('' for most files)."""
+    anchors = [k for k in keys if k == ANCHOR_KEY or k.endswith("." + ANCHOR_KEY)]
     if not anchors:
         raise ValueError(
             f"not a Wan DiT checkpoint: no '{ANCHOR_KEY}' key among {len(keys)} keys ({format_keys(keys)})"
@@ -146,12 +147,12 @@ class _CheckpointView:
 
     def __init__(self, state: LazyStateDict, where: str):
         self.state = state
-        self.where = where
         raw_keys = list(state)
-        prefix = _strip_prefix(raw_keys)
-        clean: dict[str, str] = {}  # key without prefix and wrapper infix -> key in the file
-        for raw in raw_keys:
-            key = raw[len(prefix) :].replace(WRAPPER_INFIX, "")
+        unwrapped = [k.replace(WRAPPER_INFIX, "") for k in raw_keys]
+        prefix = _common_prefix(unwrapped)
+        clean: dict[str, str] = {}  # key without wrapper infix and prefix -> key in the file
+        for raw, key in zip(raw_keys, unwrapped, strict=True):
+            key = key[len(prefix) :]
             if key in clean:
                 raise ValueError(f"{where}: keys {clean[key]!r} and {raw!r} both mean {key!r}")
             clean[key] = raw

@@ -6,8 +6,9 @@ cross-attention k/v in one `cross_attn.kv` Linear(dim, 2*dim), and each layer ow
 SLA projection as `self_attn.proj_l` (stored as `self_attn.attn_op.local_attn.proj_l` in their
 files). `turbo_serve.models.loading` maps every checkpoint layout onto these names.
 
-Numerics follow Wan: the residual stream stays in the model dtype while LayerNorm, the adaptive
-modulation, the gates, the time embedding and the head run in float32; RoPE is applied in float32.
+Numerics: LayerNorm, the adaptive modulation, the gates, the time embedding and the head run in
+float32 as in Wan; RoPE is applied in float32; the residual stream stays in the model dtype between
+updates (as TurboDiffusion and diffusers keep it).
 Self-attention goes through the attention registry, picked per forward by
 `AttentionMetadata.attention_type`, so one loaded model serves every backend. Blocks contain no
 data-dependent Python control flow, so `torch.compile(block, fullgraph=True)` traces them whole.
