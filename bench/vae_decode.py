@@ -212,7 +212,9 @@ def _difference(case: DecodeCase) -> dict:
     return record
 
 
-def encode_condition_variants(bench: Bench, vae_config: WanVAEConfig, size: tuple[int, int], frames: int, dtype) -> None:
+def encode_condition_variants(
+    bench: Bench, vae_config: WanVAEConfig, size: tuple[int, int], frames: int, dtype: torch.dtype
+) -> None:
     device = bench.device
     image = torch.rand((3, *size), generator=torch.Generator().manual_seed(2)).to(device) * 2 - 1
     info = {"image": [3, *size], "frames": frames, "dtype": str(dtype).removeprefix("torch.")}
@@ -303,7 +305,11 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("no CUDA device; use --smoke for the CPU run")
         device, dtype = torch.device("cuda"), torch.bfloat16
         vae_config, text_config = WanVAEConfig(), UMT5Config()
-        decode_shapes = [("480p decode", (1, 16, 21, 60, 104), True, 6.0), ("720p decode", (1, 16, 21, 90, 160), False, 12.0)]
+        # (label, latent shape, all variants?, rough seconds per call for the budget check)
+        decode_shapes = [
+            ("480p decode", (1, 16, 21, 60, 104), True, 6.0),
+            ("720p decode", (1, 16, 21, 90, 160), False, 12.0),
+        ]
         i2v = ((720, 1280), 81)
         out = args.out or Path(__file__).parent / "results" / "vae_decode_h200.json"
 

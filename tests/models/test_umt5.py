@@ -138,7 +138,10 @@ _WAN_LEAVES = {
 
 def _wan_t5_state(hf_state: dict) -> dict:
     """HF -> the names of Wan's T5Encoder (wan/modules/t5.py), as in models_t5_umt5-xxl-enc-bf16.pth."""
-    state = {"token_embedding.weight": hf_state["shared.weight"], "norm.weight": hf_state["encoder.final_layer_norm.weight"]}
+    state = {
+        "token_embedding.weight": hf_state["shared.weight"],
+        "norm.weight": hf_state["encoder.final_layer_norm.weight"],
+    }
     for key, value in hf_state.items():
         if key.startswith("encoder.block."):
             index, _, rest = key[len("encoder.block.") :].partition(".")
@@ -175,7 +178,8 @@ def _wan_t5_reference(state: dict, ids: torch.Tensor, mask: torch.Tensor, config
         attended = torch.einsum("bnij,bjnc->binc", scores.softmax(-1), v).reshape(batch, length, heads * dim)
         x = x + F.linear(attended, state[p + "attn.o.weight"])
         h = norm(x, state[p + "norm2.weight"])
-        gated = F.linear(h, state[p + "ffn.fc1.weight"]) * F.gelu(F.linear(h, state[p + "ffn.gate.0.weight"]), approximate="tanh")
+        gate = F.gelu(F.linear(h, state[p + "ffn.gate.0.weight"]), approximate="tanh")
+        gated = F.linear(h, state[p + "ffn.fc1.weight"]) * gate
         x = x + F.linear(gated, state[p + "ffn.fc2.weight"])
     return norm(x, state["norm.weight"])
 

@@ -58,11 +58,15 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
         return load_file(path, device="cpu")
     if path.suffix in _TORCH_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{str(path)!r} does not hold a flat state dict of tensors")
         return dict(state)
-    raise ValueError(f"unsupported checkpoint suffix {path.suffix!r}; valid: .safetensors, {', '.join(_TORCH_SUFFIXES)}")
+    valid = ", ".join((".safetensors", *_TORCH_SUFFIXES))
+    raise ValueError(f"unsupported checkpoint suffix {path.suffix!r}; valid: {valid}")
 
 
 def read_checkpoint_folder(folder: str | os.PathLike, stems: tuple[str, ...]) -> StateDict:
@@ -218,7 +222,7 @@ def _check_diffusers_vae_config(folder_config: dict, config: WanVAEConfig, folde
     if folder_config.get("is_residual") or folder_config.get("patch_size"):
         raise ValueError(f"{folder!r} is a Wan2.2 (z_dim 48, residual) VAE; only the Wan2.1 VAE is supported")
     if folder_config.get("decoder_base_dim") not in (None, folder_config.get("base_dim")):
-        raise ValueError(f"{folder!r}: decoder_base_dim {folder_config['decoder_base_dim']} != base_dim is not supported")
+        raise ValueError(f"{folder!r}: decoder_base_dim {folder_config['decoder_base_dim']} != base_dim is unsupported")
     wrong = []
     for theirs, ours in _VAE_CONFIG_FIELDS.items():
         want, got = getattr(config, ours), folder_config.get(theirs)

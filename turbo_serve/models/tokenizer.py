@@ -19,7 +19,8 @@ TOKENIZER_DIRNAME = "tiny-umt5-tokenizer-v1"
 
 _SUBJECTS = (
     "a red fox|an old fisherman|two laughing children|a golden retriever puppy|a woman in a flowing blue dress|"
-    "a small silver robot|a herd of wild horses|a sleepy orange cat|an astronaut in a white suit|a chef with a tall hat|"
+    "a small silver robot|a herd of wild horses|a sleepy orange cat|an astronaut in a white suit|"
+    "a chef with a tall hat|"
     "a ballet dancer|a surfer on a longboard|a knight in shining armor|a young girl with freckles|"
     "a flock of migrating geese|a wooden sailboat|a vintage steam train|a glowing jellyfish|a giant panda|"
     "a teenage skateboarder|an elderly couple|a hummingbird|a majestic eagle|a playful dolphin|a street musician|"

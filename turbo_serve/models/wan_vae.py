@@ -29,8 +29,6 @@ from torch import nn
 
 from turbo_serve.models.configs import WanVAEConfig
 
-CACHE_FRAMES = 2
-"""Past frames a kernel-3 causal conv needs (Wan's CACHE_T)."""
 NORM_EPS = 1e-12
 """Floor on the channel L2 norm (F.normalize's default, which Wan's RMS_norm uses)."""
 
@@ -58,8 +56,10 @@ class WanCausalCache:
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
+    """channels_last(_3d) if x is laid out channels-innermost, else the default layout."""
+    channels_last = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    if not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
     return torch.contiguous_format
 
 
@@ -157,14 +157,8 @@ class WanAttentionBlock(nn.Module):
         q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # [B*T, 1, H*W, C] each
         attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B*T, H*W, C]
         attended = attended.transpose(1, 2).unflatten(2, (height, width))
-        out = self.proj(attended.contiguous(memory_format=_image_format(images)))
+        out = self.proj(attended.contiguous(memory_format=_memory_format(images)))
         return _images_to_frames(out, batch, _memory_format(x)).add_(x)
-
-
-def _image_format(images: torch.Tensor) -> torch.memory_format:
-    if not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class WanResample(nn.Module):
@@ -274,7 +268,8 @@ class WanEncoder3d(nn.Module):
                 blocks.append(WanResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if stage != last_stage:
-                blocks.append(WanResample(out_dim, "downsample3d" if config.temporal_downsample[stage] else "downsample2d"))
+                temporal = config.temporal_downsample[stage]
+                blocks.append(WanResample(out_dim, "downsample3d" if temporal else "downsample2d"))
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = WanMidBlock(dims[-1])
         self.norm_out = WanRMSNorm(dims[-1])
@@ -368,7 +363,8 @@ class WanVAE(nn.Module):
     def _check_frames(self, num_frames: int) -> None:
         stride = self.config.temporal_stride
         if num_frames < 1 or (num_frames - 1) % stride:
-            raise ValueError(f"num_frames must be {stride}n+1 (1, {stride + 1}, {2 * stride + 1}, ...), got {num_frames}")
+            examples = f"1, {stride + 1}, {2 * stride + 1}, ..."
+            raise ValueError(f"num_frames must be {stride}n+1 ({examples}), got {num_frames}")
 
     def _check_size(self, height: int, width: int) -> None:
         stride = self.config.spatial_stride
@@ -387,9 +383,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"latents must be [B, {self.config.z_dim}, T>=1, h, w], got shape {tuple(z.shape)}")
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(device=self.device, dtype=self.dtype).contiguous(
-            memory_format=self.activation_format
-        )
+        return x.to(device=self.device, dtype=self.dtype).contiguous(memory_format=self.activation_format)
 
     # -- encode ----------------------------------------------------------------------------------
 
@@ -402,8 +396,9 @@ class WanVAE(nn.Module):
         self._check_frames(num_frames)
         self._check_size(height, width)
         stride = self.config.temporal_stride
-        chunks = (video[:, :, max(0, 1 + (i - 1) * stride) : 1 + i * stride] for i in range((num_frames - 1) // stride + 1))
-        return self._encode_chunks(chunks, video.shape[0], (num_frames - 1) // stride + 1, height, width)
+        latent_frames = (num_frames - 1) // stride + 1
+        chunks = (video[:, :, max(0, 1 + (i - 1) * stride) : 1 + i * stride] for i in range(latent_frames))
+        return self._encode_chunks(chunks, video.shape[0], latent_frames, height, width)
 
     def _encode_chunks(
         self, chunks: Iterable[torch.Tensor], batch: int, latent_frames: int, height: int, width: int
