@@ -1,6 +1,6 @@
 """Wan VAE decode/encode and UMT5-XXL encode timings: ours against diffusers' AutoencoderKLWan.
 
-GPU run (the numbers in bench/results/vae_decode_h200.json):
+GPU run (the numbers in bench/results/vae_decode_h200.json), from the repository root:
     python bench/vae_decode.py
 CPU smoke run of every code path with the tiny config:
     python bench/vae_decode.py --smoke
@@ -18,12 +18,18 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+try:
+    import turbo_serve  # noqa: F401
+except ImportError:  # a bare checkout (no pip install): import the package from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from turbo_serve.models.configs import UMT5Config, WanVAEConfig, get_preset
 from turbo_serve.models.loading_vae_text import load_text_encoder, load_vae
