@@ -12,8 +12,9 @@ import math
 import torch
 import triton
 
+from turbo_kernels.autotune import length_bucket, pick_config
 from turbo_kernels.dispatch import use_triton
-from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, length_bucket, pick_config
+from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash
 
 SPARSE_CONFIGS: dict[tuple[int, int], list[FlashConfig]] = {
     (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 4)],

@@ -11,8 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from turbo_kernels.autotune import length_bucket, pick_config
 from turbo_kernels.dispatch import use_triton
-from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, length_bucket, pick_config
+from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash
 
 DENSE_CONFIGS = [
     FlashConfig(128, 64, num_warps=8, num_stages=3),

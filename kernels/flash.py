@@ -25,8 +25,7 @@ neighbouring programs share a head and its K/V stays in L2.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -317,6 +316,12 @@ def _ensure_tma_allocator() -> None:
         _ALLOCATOR_SET = True
 
 
+def tma_default() -> bool:
+    """TURBO_KERNELS_TMA=1 turns TMA descriptors on for every launch (Hopper+); the default is the
+    plain-pointer path."""
+    return os.environ.get("TURBO_KERNELS_TMA", "0") == "1"
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Host-side contract of every attention entry point: (B, L, H, D) with D in {64, 128}."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -388,7 +393,7 @@ def launch_flash(
     if linear is not None and linear.phi_k is not None and pv_fp8:
         raise ValueError("the paper's SLA variant (linear over unselected blocks) needs bf16/fp16 PV, not FP8")
 
-    use_tma = config.use_tma and _tma_ready(q_op, k_op, v_op, out)
+    use_tma = (config.use_tma or tma_default()) and _tma_ready(q_op, k_op, v_op, out)
     if use_tma:
         _ensure_tma_allocator()
     grid = (triton.cdiv(L, bm), B * H)
@@ -407,55 +412,3 @@ def launch_flash(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Config choice: a small in-process autotuner (CUDA only; the interpreter takes the first config).
-
-_TUNED: dict[tuple, FlashConfig] = {}
-
-
-def autotune_enabled() -> bool:
-    """TURBO_KERNELS_AUTOTUNE=0 takes each candidate list's first entry (no GPU timing)."""
-    return os.environ.get("TURBO_KERNELS_AUTOTUNE", "1") != "0" and not interpreting()
-
-
-def tma_default() -> bool:
-    """TURBO_KERNELS_TMA=1 makes the tuned configs use TMA descriptors (Hopper+)."""
-    return os.environ.get("TURBO_KERNELS_TMA", "0") == "1"
-
-
-def length_bucket(length: int) -> int:
-    """Autotune key for the sequence length: the next power of two."""
-    return 1 << max(0, (length - 1).bit_length())
-
-
-def pick_config(key: tuple, candidates: list[FlashConfig], run: Callable[[FlashConfig], object]) -> FlashConfig:
-    """Fastest of ``candidates`` for ``key`` (timed once per process with triton.testing.do_bench).
-
-    ``run(config)`` must be idempotent (it is the whole launch). A candidate that fails to compile
-    or runs out of resources is skipped.
-    """
-    if tma_default():
-        candidates = [replace(c, use_tma=True) for c in candidates]
-    if key in _TUNED:
-        return _TUNED[key]
-    if len(candidates) == 1 or not autotune_enabled():
-        best = candidates[0]
-    else:
-        timings: dict[FlashConfig, float] = {}
-        for cand in candidates:
-            try:
-                timings[cand] = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - an uncompilable config is just not a candidate
-                continue
-        if not timings:
-            raise RuntimeError(f"no config of {[c.describe() for c in candidates]} ran for {key}")
-        best = min(timings, key=timings.get)
-    _TUNED[key] = best
-    return best
-
-
-def tuned_configs() -> dict[tuple, FlashConfig]:
-    """What the autotuner chose so far (the benchmark records it)."""
-    return dict(_TUNED)

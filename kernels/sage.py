@@ -14,10 +14,11 @@ import math
 
 import torch
 
+from turbo_kernels.autotune import length_bucket, pick_config
 from turbo_kernels.block_mask import pool_keys, pool_queries
 from turbo_kernels.dense import attention_ref
 from turbo_kernels.dispatch import use_triton
-from turbo_kernels.flash import LOG2E, FlashConfig, QuantizedQK, check_qkv, launch_flash, length_bucket, pick_config
+from turbo_kernels.flash import LOG2E, FlashConfig, QuantizedQK, check_qkv, launch_flash
 from turbo_kernels.quant import LN2, dequantize_qk, quantize_keys, quantize_qk_ref
 from turbo_kernels.registry import AttentionMetadata, register_attention_backend
 from turbo_kernels.sla import sparse_linear_attention

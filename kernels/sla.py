@@ -20,12 +20,8 @@ import math
 
 import torch
 
-from turbo_kernels.block_mask import (
-    build_block_mask_ref,
-    pool_keys,
-    pool_queries,
-    select_blocks,
-)
+from turbo_kernels.autotune import length_bucket, pick_config
+from turbo_kernels.block_mask import build_block_mask_ref, pool_keys, pool_queries, select_blocks
 from turbo_kernels.block_sparse import block_sparse_attention_ref, check_lut, sparse_configs
 from turbo_kernels.dispatch import use_triton
 from turbo_kernels.flash import (
@@ -35,8 +31,6 @@ from turbo_kernels.flash import (
     QuantizedQK,
     check_qkv,
     launch_flash,
-    length_bucket,
-    pick_config,
 )
 from turbo_kernels.quant import LN2, dequantize_qk, quantize_keys, quantize_qk_ref
 from turbo_kernels.registry import AttentionMetadata, register_attention_backend
@@ -110,8 +104,8 @@ def sparse_linear_ref(
         out = block_sparse_attention_ref(q.float(), k.float(), v.float(), lut, blkq, blkk, scale=sm_scale)
     if proj_l is not None:
         o_lin = linear_attention_ref(q, k, v, lut if linear == "unselected" else None, blkq, blkk)
-        bias = proj_l.bias.float() if proj_l.bias is not None else None
-        out = out + torch.nn.functional.linear(o_lin, proj_l.weight.float(), bias)
+        bias = proj_l.bias.detach().float() if proj_l.bias is not None else None
+        out = out + torch.nn.functional.linear(o_lin, proj_l.weight.detach().float(), bias)
     return out.to(q.dtype)
 
 
@@ -172,7 +166,7 @@ def sparse_linear_attention(
     if has_linear:
         if linear == "unselected" and lut.shape[-1] == k_pass.pooled.shape[2]:
             # Every block is exact: the linear branch is empty and proj_l adds only its bias.
-            bias_only = proj_l.bias
+            bias_only = proj_l.bias.detach() if proj_l.bias is not None else None
         else:
             lin = _linear_branch(proj_l, k_pass.kv_state, k_pass.k_state, k_pass.phi_k, v.dtype, L)
 
