@@ -32,7 +32,7 @@ def round_half_away(x):
     return tl.where(x >= 0, tl.floor(x + 0.5), tl.ceil(x - 0.5))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L"])
 def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
                          stride_qb, stride_ql, stride_qh,  #
                          H, L, quant_scale,  #
@@ -56,7 +56,7 @@ def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
         tl.store(QScale + pid_bh * tl.num_programs(0) + pid, scale)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L", "num_blocks", "blocks_per_program"])
 def _pool_keys_kernel(K, V, BlockSum, SPart, ZPart, VAmaxPart, PhiK,  #
                       stride_kb, stride_kl, stride_kh,  #
                       stride_vb, stride_vl, stride_vh,  #

@@ -19,7 +19,6 @@ DENSE_CONFIGS = [
     FlashConfig(128, 64, num_warps=8, num_stages=3),
     FlashConfig(128, 128, num_warps=8, num_stages=3),
     FlashConfig(128, 64, num_warps=8, num_stages=4),
-    FlashConfig(128, 128, num_warps=8, num_stages=4),
     FlashConfig(64, 128, num_warps=4, num_stages=3),
 ]
 """Autotune candidates (Hopper hd128 practice: 128-row tiles on two warpgroups, one 64-row

@@ -118,7 +118,8 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
     return acc, l_i, m_ij, lin_acc, lin_den
 
 
-@triton.jit
+# Shape scalars are not specialised (divisible-by-16 or ==1), so 480p and 720p share binaries.
+@triton.jit(do_not_specialize=["topk", "lut_rows", "H", "L", "num_kblocks"])
 def _flash_fwd(Q, K, V, Out,  #
                stride_qb, stride_ql, stride_qh,  #
                stride_kb, stride_kl, stride_kh,  #

@@ -22,7 +22,7 @@ FP8_MAX = 448.0
 """Largest finite float8 e4m3fn value; V channels are scaled onto [-448, 448]."""
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "L", "l_pad"])
 def _quantize_keys_kernel(K, KMean, KInt8, KScale, V, VScale, VT8,  #
                           stride_kb, stride_kl, stride_kh,  #
                           stride_vb, stride_vl, stride_vh,  #

@@ -69,7 +69,7 @@ def _round_half_even(y):
     return tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _quantize_tiles_kernel(X, XQ, Scale, M, K, stride_xm, stride_qm, TILE_SIZE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -83,7 +83,7 @@ def _quantize_tiles_kernel(X, XQ, Scale, M, K, stride_xm, stride_qm, TILE_SIZE: 
     tl.store(Scale + pid_m * tl.num_programs(1) + pid_k, scale)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
                         M, N, K, stride_am, stride_wn, stride_cm,  #
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,  #
