@@ -18,6 +18,7 @@ from turbo_kernels.dispatch import interpreting
 ConfigT = TypeVar("ConfigT", bound=Hashable)
 
 _TUNED: dict[tuple, object] = {}
+_LAST: dict[str, object] = {}
 
 
 def autotune_enabled() -> bool:
@@ -36,6 +37,7 @@ def pick_config(key: tuple, candidates: list[ConfigT], run: Callable[[ConfigT], 
     runs out of resources is skipped.
     """
     if key in _TUNED:
+        _LAST[key[0]] = _TUNED[key]
         return _TUNED[key]  # type: ignore[return-value]
     if len(candidates) == 1 or not autotune_enabled():
         best = candidates[0]
@@ -50,9 +52,15 @@ def pick_config(key: tuple, candidates: list[ConfigT], run: Callable[[ConfigT], 
             raise RuntimeError(f"no candidate config ran for {key}: {candidates}")
         best = min(timings, key=timings.get)
     _TUNED[key] = best
+    _LAST[key[0]] = best
     return best
 
 
 def tuned_configs() -> dict[tuple, object]:
     """What the autotuner chose so far (the benchmarks record it)."""
     return dict(_TUNED)
+
+
+def last_config(kind: str) -> object | None:
+    """The config the latest autotuned call of ``kind`` (its key's first entry) ran with."""
+    return _LAST.get(kind)
