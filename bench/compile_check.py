@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,13 +66,11 @@ def _signature(v: Variant) -> tuple[dict, dict, dict]:
 
 def compile_variant(v: Variant, arch: int) -> dict:
     sig, const, attrs = _signature(v)
-    start = time.time()
     kernel = triton.compile(
         ASTSource(v.fn, sig, const, attrs),
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": v.num_warps, "num_stages": v.num_stages},
     )
-    seconds = time.time() - start
     ptx = kernel.asm["ptx"]
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -86,7 +83,6 @@ def compile_variant(v: Variant, arch: int) -> dict:
     mma = sorted({a or b for a, b in mma})
     shared = kernel.metadata.shared
     return {
-        "compile_s": round(seconds, 2),
         "registers": int(regs.group(1)) if regs else None,
         "spill_bytes": int(local.group(1)) if local else None,
         "shared_bytes": shared,
@@ -187,7 +183,7 @@ def main() -> None:
         else:
             print(f"{v.name:45s} regs {r['registers']:>3} spill {r['spill_bytes']:>4} smem {r['shared_bytes']:>6}"
                   f"{'' if r['fits_shared'] else ' (TOO BIG)'} mma {' '.join(r['mma'])}"
-                  f"{' tma' if r['tma'] else ''}{' cp.async' if r['cp_async'] else ''}  {r['compile_s']}s", flush=True)
+                  f"{' tma' if r['tma'] else ''}{' cp.async' if r['cp_async'] else ''}", flush=True)
     out = args.out or RESULTS / f"compile_sm{args.arch}.json"
     if not args.only:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,6 @@ import triton.language as tl
 from turbo_kernels.dispatch import interpreting
 
 LOG2E = 1.4426950408889634
-P_SCALE = 448.0
-"""P is multiplied by this before its FP8 cast so it uses e4m3's whole range (max 448)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,8 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
             vt = desc_v.load([0, start_n])
         else:
             vt = tl.load(v_base + offs_d[:, None] * stride_vl + (start_n + offs_n)[None, :])
-        # The scale on the fresh dot keeps it out of the fp32 accumulator (two-level accumulation).
+        # P (<= 1) times 448 uses e4m3's whole range; scaling the fresh dot back keeps Triton from
+        # folding it into the fp32 accumulator (two-level accumulation).
         acc += tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt)) * (1.0 / 448.0)
     else:
         v = _load_rows(v_base, desc_v, start_n, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
