@@ -27,7 +27,6 @@ SAGE_DENSE_CONFIGS = [
     FlashConfig(64, 128, num_warps=4, num_stages=3),
     FlashConfig(128, 64, num_warps=8, num_stages=3),
     FlashConfig(128, 128, num_warps=8, num_stages=3),
-    FlashConfig(64, 128, num_warps=4, num_stages=4),
 ]
 """Autotune candidates of dense Sage; Q/K quantisation blocks follow the tile (block_m, block_n)."""
 

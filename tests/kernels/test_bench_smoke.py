@@ -22,6 +22,9 @@ def _run(script: str, out: Path) -> dict:
 def test_attention_benchmark_smoke(tmp_path):
     report = _run("attention.py", tmp_path / "attention.json")
     assert report["interpreter"] is True
+    smoke = report["op_smoke_fp16"]
+    assert not [name for name, r in smoke.items() if "error" in r]
+    assert smoke["sla_128x64"]["pass"] and smoke["sagesla_128x64"]["pass"] and smoke["block_sparse_64x128"]["pass"]
     shape = report["shapes"]["smoke"]
     variants = shape["variants"]
     errors = {name: v["error"] for name, v in variants.items() if "error" in v}
