@@ -68,3 +68,14 @@ def test_bfloat16_on_cpu_takes_the_reference_path(name):
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     fp32 = get_attention_backend(name)(q.float(), k.float(), v.float(), AttentionMetadata(name, 0.5), proj)
     assert cosine_similarity(out, fp32) >= 0.999
+
+
+@pytest.mark.parametrize("length", [1, 24, 129])
+@pytest.mark.parametrize("name", ["sla", "sagesla"])
+def test_sequences_shorter_than_a_block_or_one_past_it(name, length):
+    q, k, v = _qkv(length=length)
+    proj = torch.nn.Linear(64, 64)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    out = get_attention_backend(name)(q, k, v, AttentionMetadata(name, 1.0), proj)
+    assert cosine_similarity(out, attention_ref(q, k, v)) >= 0.999
