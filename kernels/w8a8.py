@@ -88,6 +88,9 @@ def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
                         M, N, K, stride_am, stride_wn, stride_cm,  #
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,  #
                         TILE_SIZE: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # A block inside one 128x128 scale tile needs one scale per K step (a single FMA per element
+    # to dequantise); larger blocks take per-row / per-column scale vectors.
+    SCALAR_SCALES: tl.constexpr = BLOCK_M <= TILE_SIZE and BLOCK_N <= TILE_SIZE
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -107,8 +110,12 @@ def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
     a_ptrs = A + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     w_ptrs = W + w_rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     k_tiles = tl.cdiv(K, TILE_SIZE)
-    a_scale_ptrs = AScale + (a_rows // TILE_SIZE) * k_tiles
-    w_scale_ptrs = WScale + (w_rows // TILE_SIZE) * k_tiles
+    if SCALAR_SCALES:
+        a_scale_ptrs = AScale + (pid_m * BLOCK_M // TILE_SIZE) * k_tiles
+        w_scale_ptrs = WScale + (pid_n * BLOCK_N // TILE_SIZE) * k_tiles
+    else:
+        a_scale_ptrs = AScale + (a_rows // TILE_SIZE) * k_tiles
+        w_scale_ptrs = WScale + (w_rows // TILE_SIZE) * k_tiles
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kt in tl.range(0, k_tiles):
         if EVEN_K:
@@ -119,9 +126,12 @@ def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
         part = tl.dot(a, tl.trans(w))
-        a_scale = tl.load(a_scale_ptrs + kt)
-        w_scale = tl.load(w_scale_ptrs + kt)
-        acc += part.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        if SCALAR_SCALES:
+            acc += part.to(tl.float32) * (tl.load(a_scale_ptrs + kt) * tl.load(w_scale_ptrs + kt))
+        else:
+            a_scale = tl.load(a_scale_ptrs + kt)
+            w_scale = tl.load(w_scale_ptrs + kt)
+            acc += part.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
         a_ptrs += TILE_SIZE
         w_ptrs += TILE_SIZE
     if HAS_BIAS:
