@@ -35,6 +35,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_checkout import ensure_turbo_kernels  # noqa: E402
+
+ensure_turbo_kernels()
+
 from turbo_kernels.accuracy import compare  # noqa: E402
 from turbo_kernels.autotune import last_config, tuned_configs  # noqa: E402
 from turbo_kernels.block_mask import GEOMETRIES, build_block_mask, kept_blocks  # noqa: E402
@@ -49,7 +54,6 @@ from turbo_kernels.sage import (  # noqa: E402
 )
 from turbo_kernels.sla import sparse_linear_attention, sparse_linear_ref  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import measure, sync  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

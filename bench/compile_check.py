@@ -24,10 +24,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from turbo_kernels.block_mask import _pool_keys_kernel, _pool_queries_kernel
-from turbo_kernels.flash import _flash_fwd
-from turbo_kernels.quant import _quantize_keys_kernel
-from turbo_kernels.w8a8 import _quantize_tiles_kernel, _w8a8_matmul_kernel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_checkout import ensure_turbo_kernels  # noqa: E402
+
+ensure_turbo_kernels()
+from turbo_kernels.block_mask import _pool_keys_kernel, _pool_queries_kernel  # noqa: E402
+from turbo_kernels.flash import _flash_fwd  # noqa: E402
+from turbo_kernels.quant import _quantize_keys_kernel  # noqa: E402
+from turbo_kernels.w8a8 import _quantize_tiles_kernel, _w8a8_matmul_kernel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 89: 101376}

@@ -30,11 +30,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_checkout import ensure_turbo_kernels  # noqa: E402
+
+ensure_turbo_kernels()
+
 from turbo_kernels.accuracy import compare  # noqa: E402
 from turbo_kernels.autotune import last_config  # noqa: E402
 from turbo_kernels.w8a8 import int8_linear, quantize_tiles_triton, quantize_weight, w8a8_matmul  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import measure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
