@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     """A running job's owner lease; an owner silent this long loses the job to the reaper."""
     poll_interval_s: float = Field(0.5, gt=0)
     """Runner cadence: claim queued jobs, renew leases, notice cancellations."""
+    sync_timeout_s: float = Field(1800.0, gt=0)
+    """How long POST /v1/videos/sync waits for its video before answering 504 (the job goes on)."""
     retry_after_s: int = Field(10, ge=1)
     """Retry-After of a 429 before any job has finished (afterwards it follows job durations)."""
 

@@ -156,6 +156,10 @@ class JobRunner:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
 
+    def failed(self) -> bool:
+        """The loop ended without being stopped (the replica should be restarted)."""
+        return self._loop_task is not None and self._loop_task.done() and not self._stopping
+
     @property
     def running_jobs(self) -> list[str]:
         return list(self._tasks)
