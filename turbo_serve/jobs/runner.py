@@ -138,6 +138,19 @@ class JobRunner:
         self._default_retry_after_s = default_retry_after_s
         self._last_purge = 0.0
 
+    @classmethod
+    def from_settings(cls, settings, store: JobStore, stages: Stages, storage: Storage, **kwargs) -> "JobRunner":
+        return cls(
+            store, stages, storage,
+            max_running=settings.max_running_jobs,
+            lease_s=settings.lease_s,
+            poll_interval_s=settings.poll_interval_s,
+            max_attempts=settings.job_max_attempts,
+            retention_s=settings.retention_s,
+            default_retry_after_s=settings.retry_after_s,
+            **kwargs,
+        )  # fmt: skip
+
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self._reap()

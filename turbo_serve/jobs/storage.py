@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
@@ -42,16 +44,17 @@ class Storage:
             raise
         return path
 
-    def partial_path(self, key: str) -> Path:
-        """A temporary sibling of `key`'s file for writers that need a path (the mp4 muxer);
-        publish it with `publish`."""
+    def write_via(self, key: str, write: Callable[[Path], object]) -> Path:
+        """For writers that need a path (the mp4 muxer): `write` fills a temporary sibling, which
+        is renamed to `key`'s file only once complete."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f".partial-{os.getpid()}-{path.name}")
-
-    def publish(self, partial: Path, key: str) -> Path:
-        path = self.path(key)
-        os.replace(partial, path)
+        partial = path.with_name(f".partial-{os.getpid()}-{threading.get_ident()}-{path.name}")
+        try:
+            write(partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     def exists(self, key: str) -> bool:

@@ -113,9 +113,4 @@ class VAE:
 
     async def decode(self, latents, key: str, fps: int) -> None:
         """Decode the latents to an mp4 published at storage key `key` (never a partial file)."""
-        partial = self._storage.partial_path(key)
-        try:
-            await asyncio.to_thread(self._decoder.write_mp4, latents, partial, fps)
-            self._storage.publish(partial, key)
-        finally:
-            partial.unlink(missing_ok=True)
+        await asyncio.to_thread(self._storage.write_via, key, lambda path: self._decoder.write_mp4(latents, path, fps))

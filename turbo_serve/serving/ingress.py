@@ -100,17 +100,7 @@ class Ingress:
     async def __init__(self, settings: Settings, text_encoder, vae, denoisers: dict[str, Any]):
         store = open_store(settings.resolved_job_store_url)
         storage = Storage(settings.storage_dir)
-        runner = JobRunner(
-            store,
-            HandleStages(text_encoder, vae, denoisers),
-            storage,
-            max_running=settings.max_running_jobs,
-            lease_s=settings.lease_s,
-            poll_interval_s=settings.poll_interval_s,
-            max_attempts=settings.job_max_attempts,
-            retention_s=settings.retention_s,
-            default_retry_after_s=settings.retry_after_s,
-        )
+        runner = JobRunner.from_settings(settings, store, HandleStages(text_encoder, vae, denoisers), storage)
         # Leave Serve's force-kill deadline some room to re-queue what did not finish.
         grace = max(0.0, settings.deployments["Ingress"].graceful_shutdown_timeout_s - 10.0)
         self._context = ApiContext(settings, store, storage, runner, ClusterStatus(), shutdown_grace_s=grace)
