@@ -86,7 +86,10 @@ function formData() {
   const data = new FormData();
   data.append("model", $("model").value);
   data.append("prompt", $("prompt").value);
+  const sized = $("param-size") && $("param-size").value.trim() !== "";
   for (const input of $("params").querySelectorAll("input, select")) {
+    // An explicit size replaces the resolution table (the API refuses both when they disagree).
+    if (sized && (input.name === "resolution" || input.name === "aspect_ratio")) continue;
     if (input.dataset.kind === "bool") data.append(input.name, input.checked ? "true" : "false");
     else if (input.value !== "") data.append(input.name, input.value);
   }
@@ -130,8 +133,11 @@ function poll(id) {
     try {
       const video = await (await api(`/v1/videos/${id}`)).json();
       showJob(video);
-      if (video.status === "completed") return play(id);
-      if (video.status === "failed" || video.status === "cancelled") return;
+      if (["completed", "failed", "cancelled"].includes(video.status)) {
+        refreshStatus();
+        if (video.status === "completed") await play(id);
+        return;
+      }
     } catch (error) {
       $("job-status").textContent = error.message;
     }
