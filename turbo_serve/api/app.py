@@ -145,6 +145,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
                            headers={"Retry-After": str(ctx.runner.retry_after_s())}) from None  # fmt: skip
         except IdempotencyConflict as error:
             raise ApiError(409, str(error), code="idempotency_conflict", param="Idempotency-Key") from None
+        else:
+            ctx.runner.wake()
         finally:
             if image is not None and not created:  # rejected, or an earlier job with the same key
                 await asyncio.to_thread(ctx.storage.delete, spec.image_path)

@@ -133,6 +133,7 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task] = {}
         self._waiters: dict[str, list[asyncio.Future]] = {}
         self._loop_task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
         self._stopping = False
         self._mean_job_s: float | None = None
         self._default_retry_after_s = default_retry_after_s
@@ -153,6 +154,7 @@ class JobRunner:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self._wake = asyncio.Event()
         await self._reap()
         self._loop_task = asyncio.create_task(self._loop(), name=f"{self.owner}-loop")
 
@@ -182,6 +184,11 @@ class JobRunner:
         if self._mean_job_s is None:
             return self._default_retry_after_s
         return max(1, math.ceil(self._mean_job_s))
+
+    def wake(self) -> None:
+        """Look for work now rather than at the next poll (a job was just created here)."""
+        if self._wake is not None:
+            self._wake.set()
 
     def cancel_local(self, job_id: str) -> bool:
         """Stop a job this runner drives right away (the DELETE landed on this replica)."""
@@ -222,7 +229,11 @@ class JobRunner:
                 await self._purge()
             except Exception:  # the loop must outlive any store hiccup (e.g. Redis restarting)
                 logger.exception("job runner loop iteration failed; retrying")
-            await asyncio.sleep(self._poll_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
 
     async def _claim(self) -> None:
         while not self._stopping and len(self._tasks) < self._max_running:
@@ -327,6 +338,7 @@ class JobRunner:
             await self._finish(job, JobState.FAILED, error=JobError("generation_failed", message))
         finally:
             self._tasks.pop(job.id, None)
+            self.wake()  # a slot is free: claim the next job now
 
     async def _finish(self, job: JobRecord, state: JobState, **changes) -> None:
         try:
