@@ -42,11 +42,19 @@ class DiesOnFirstDenoise:
         return await self._stages.denoise(job, *args)
 
 
-async def until(predicate, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
+def run_until(settings, store, stages, storage, predicate, *, grace_s=1.0, timeout_s=30.0):
+    """Start a runner, wait for predicate(), stop the runner with `grace_s`."""
+
+    async def main():
+        runner = JobRunner.from_settings(settings, store, stages, storage)
+        await runner.start()
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+        await runner.stop(grace_s=grace_s)
+
+    asyncio.run(main())
 
 
 def test_a_lost_worker_is_retried_and_the_job_completes(parts):
@@ -54,13 +62,7 @@ def test_a_lost_worker_is_retried_and_the_job_completes(parts):
     flaky = DiesOnFirstDenoise(stages)
     store.create(JobRecord(id="video_a", spec=SPEC))
 
-    async def main():
-        runner = JobRunner.from_settings(settings, store, flaky, storage)
-        await runner.start()
-        await until(lambda: store.get("video_a").state.terminal)
-        await runner.stop(grace_s=1.0)
-
-    asyncio.run(main())
+    run_until(settings, store, flaky, storage, lambda: store.get("video_a").state.terminal)
     job = store.get("video_a")
     assert job.state is JobState.COMPLETED and job.attempts == 2 and flaky.denoise_calls == 2
     assert storage.path(job.result_key).stat().st_size > 0
@@ -75,13 +77,7 @@ def test_a_job_whose_worker_keeps_dying_fails_clearly(parts):
 
     store.create(JobRecord(id="video_b", spec=SPEC))
 
-    async def main():
-        runner = JobRunner.from_settings(settings, store, AlwaysDies(stages), storage)
-        await runner.start()
-        await until(lambda: store.get("video_b").state.terminal)
-        await runner.stop(grace_s=1.0)
-
-    asyncio.run(main())
+    run_until(settings, store, AlwaysDies(stages), storage, lambda: store.get("video_b").state.terminal)
     job = store.get("video_b")
     assert job.state is JobState.FAILED and job.error.code == "worker_lost"
     assert "denoise failed: the Denoiser replica died" in job.error.message and "attempt 2 of 2" in job.error.message
@@ -92,13 +88,7 @@ def test_a_dead_runner_s_job_is_reaped_and_finished_by_another(parts):
     store.create(JobRecord(id="video_c", spec=SPEC))
     dead_owner = store.claim("runner-that-died", lease_s=settings.lease_s).owner  # then it vanished
 
-    async def main():
-        runner = JobRunner.from_settings(settings, store, stages, storage)
-        await runner.start()
-        await until(lambda: store.get("video_c").state is JobState.COMPLETED)
-        await runner.stop(grace_s=1.0)
-
-    asyncio.run(main())
+    run_until(settings, store, stages, storage, lambda: store.get("video_c").state is JobState.COMPLETED)
     job = store.get("video_c")
     assert job.attempts == 2 and job.owner is None and dead_owner == "runner-that-died"
 
@@ -108,12 +98,6 @@ def test_stop_hands_running_jobs_back_without_using_an_attempt(parts):
     slow = GenerationSpec(**{**SPEC.to_dict(), "num_steps": 100, "width": 480, "height": 480, "num_frames": 17})
     store.create(JobRecord(id="video_d", spec=slow))
 
-    async def main():
-        runner = JobRunner.from_settings(settings, store, stages, storage)
-        await runner.start()
-        await until(lambda: store.get("video_d").state is JobState.DENOISING)
-        await runner.stop(grace_s=0.0)
-
-    asyncio.run(main())
+    run_until(settings, store, stages, storage, lambda: store.get("video_d").state is JobState.DENOISING, grace_s=0.0)
     job = store.get("video_d")
     assert job.state is JobState.QUEUED and job.attempts == 0 and job.owner is None

@@ -57,32 +57,39 @@ class RedisJobStore(JobStore):
         if new.finished_at is not None:
             pipe.zadd(self._key("finished"), {job_id: new.finished_at})
 
-    def _insert(self, record: JobRecord, max_active: int | None) -> tuple[JobRecord, bool]:
-        idem_key = self._key("idem", record.idempotency_key) if record.idempotency_key is not None else None
+    def _optimistic(self, keys: list[str], body: Callable):
+        """Run body(pipe) with `keys` WATCHed; start over when another client changed one of them."""
         while True:
             with self._redis.pipeline() as pipe:
                 try:
-                    pipe.watch(self._key("active"), *([idem_key] if idem_key else []))
-                    if idem_key is not None:
-                        existing_id = pipe.get(idem_key)
-                        if existing_id is not None:
-                            existing = self.get(existing_id)
-                            if existing is not None:
-                                return existing, False
-                    if max_active is not None:
-                        active = pipe.scard(self._key("active"))
-                        if active >= max_active:
-                            raise QueueFull(f"{active} unfinished jobs (limit {max_active})")
-                    seq = self._redis.incr(self._key("seq"))
-                    pipe.multi()
-                    pipe.set(self._job_key(record.id), json.dumps(record.to_dict()))
-                    if idem_key is not None:
-                        pipe.set(idem_key, record.id)
-                    self._index(pipe, None, record, seq=seq)
-                    pipe.execute()
-                    return record, True
+                    pipe.watch(*keys)
+                    return body(pipe)
                 except redis.WatchError:
                     continue
+
+    def _insert(self, record: JobRecord, max_active: int | None) -> tuple[JobRecord, bool]:
+        idem_key = self._key("idem", record.idempotency_key) if record.idempotency_key is not None else None
+
+        def insert(pipe):
+            if idem_key is not None:
+                existing_id = pipe.get(idem_key)
+                existing = self.get(existing_id) if existing_id is not None else None
+                if existing is not None:
+                    return existing, False
+            if max_active is not None:
+                active = pipe.scard(self._key("active"))
+                if active >= max_active:
+                    raise QueueFull(f"{active} unfinished jobs (limit {max_active})")
+            seq = self._redis.incr(self._key("seq"))
+            pipe.multi()
+            pipe.set(self._job_key(record.id), json.dumps(record.to_dict()))
+            if idem_key is not None:
+                pipe.set(idem_key, record.id)
+            self._index(pipe, None, record, seq=seq)
+            pipe.execute()
+            return record, True
+
+        return self._optimistic([self._key("active"), *([idem_key] if idem_key else [])], insert)
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self._redis.get(self._job_key(job_id))
@@ -90,22 +97,20 @@ class RedisJobStore(JobStore):
 
     def _update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
         key = self._job_key(job_id)
-        while True:
-            with self._redis.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    data = pipe.get(key)
-                    if data is None:
-                        raise KeyError(job_id)
-                    old = JobRecord.from_dict(json.loads(data))
-                    new = change(old)
-                    pipe.multi()
-                    pipe.set(key, json.dumps(new.to_dict()))
-                    self._index(pipe, old, new)
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+
+        def update(pipe):
+            data = pipe.get(key)
+            if data is None:
+                raise KeyError(job_id)
+            old = JobRecord.from_dict(json.loads(data))
+            new = change(old)
+            pipe.multi()
+            pipe.set(key, json.dumps(new.to_dict()))
+            self._index(pipe, old, new)
+            pipe.execute()
+            return new
+
+        return self._optimistic([key], update)
 
     def _queued_ids(self, limit: int) -> list[str]:
         return self._redis.zrange(self._key("queued"), 0, limit - 1)
@@ -118,23 +123,20 @@ class RedisJobStore(JobStore):
 
     def _delete(self, job_id: str) -> None:
         key = self._job_key(job_id)
-        while True:
-            with self._redis.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    data = pipe.get(key)
-                    if data is None:
-                        return
-                    old = JobRecord.from_dict(json.loads(data))
-                    pipe.multi()
-                    pipe.delete(key)
-                    if old.idempotency_key is not None:
-                        pipe.delete(self._key("idem", old.idempotency_key))
-                    self._index(pipe, old, None)
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
+
+        def delete(pipe):
+            data = pipe.get(key)
+            if data is None:
+                return
+            old = JobRecord.from_dict(json.loads(data))
+            pipe.multi()
+            pipe.delete(key)
+            if old.idempotency_key is not None:
+                pipe.delete(self._key("idem", old.idempotency_key))
+            self._index(pipe, old, None)
+            pipe.execute()
+
+        self._optimistic([key], delete)
 
     def list(self, *, after: str | None = None, limit: int = 20, order: Order = "desc") -> tuple[list[JobRecord], bool]:
         order_key = self._key("order")
