@@ -187,11 +187,13 @@ class Settings(BaseSettings):
     def _merge_deployment_defaults(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        unknown = set(value) - set(DEPLOYMENT_KINDS)
+        canonical = {kind.lower(): kind for kind in DEPLOYMENT_KINDS}  # env variable names arrive lower-cased
+        unknown = [k for k in value if k.lower() not in canonical]
         if unknown:
             raise ValueError(f"unknown deployment {sorted(unknown)}; valid: {', '.join(DEPLOYMENT_KINDS)}")
         merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_deployments().items()}
-        for kind, override in value.items():
+        for name, override in value.items():
+            kind = canonical[name.lower()]
             override = override.model_dump(exclude_unset=True) if isinstance(override, BaseModel) else override
             merged[kind] = {**merged[kind], **override}
         return merged
@@ -202,6 +204,18 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"checkpoints given for models not served: {sorted(unknown)}; served: {self.models}")
         return self
+
+    def with_absolute_paths(self) -> "Settings":
+        """Relative folders resolved against this process's directory, so replicas started
+        elsewhere (Ray workers' own working directory) use the same files."""
+        url = self.resolved_job_store_url
+        if url.startswith("sqlite:///"):
+            url = f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
+        return self.model_copy(update={
+            "storage_dir": str(Path(self.storage_dir).resolve()),
+            "cache_dir": str(Path(self.cache_dir).resolve()),
+            "job_store_url": url,
+        })  # fmt: skip
 
     @property
     def default_model(self) -> str:

@@ -27,7 +27,7 @@ def denoiser_name(model: str) -> str:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder (Serve passes the config's `args` dict; env fills the rest)."""
-    settings = args if isinstance(args, Settings) else Settings(**(args or {}))
+    settings = (args if isinstance(args, Settings) else Settings(**(args or {}))).with_absolute_paths()
     options = {kind: d.serve_options() for kind, d in settings.deployments.items()}
 
     def deployment(cls, name: str, kind: str):
