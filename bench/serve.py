@@ -41,7 +41,7 @@ KINDS = ("Ingress", "TextEncoder", "Denoiser", "VAE")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny-t2v, 256x256x5 frames, 2 steps")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny-t2v, 128x128x5 frames, 2 steps")
     parser.add_argument("--config", type=Path, default=REPO / "serve_config.yaml", help="layout to deploy")
     parser.add_argument("--model", default=None, help="preset (default: the config's, wan2.1-t2v-1.3b)")
     parser.add_argument("--size", default="832x480")
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.num_frames, args.num_steps = "256x256", 5, 2
+        args.size, args.num_frames, args.num_steps = "128x128", 5, 2
         args.attention = args.attention or "original"
         args.jobs = min(args.jobs, 3)
         args.repeats = min(args.repeats, 2)

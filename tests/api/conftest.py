@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from turbo_serve.api.app import ApiContext, create_app
 from turbo_serve.jobs.local_stages import LocalStages
@@ -15,16 +13,6 @@ from turbo_serve.jobs.runner import JobRunner
 from turbo_serve.jobs.sqlite_store import SqliteJobStore
 from turbo_serve.jobs.storage import Storage
 from turbo_serve.settings import Settings
-
-# Small and quick on the CPU: 256x256, 5 frames, 2 steps.
-SMALL = {"size": "256x256", "num_frames": 5, "num_steps": 2, "attention_type": "original"}
-
-
-def png_bytes(width: int = 96, height: int = 64, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (180, 40, 40)).save(buffer, fmt)
-    return buffer.getvalue()
-
 
 @pytest.fixture
 def make_api(tmp_path):

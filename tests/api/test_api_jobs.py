@@ -5,7 +5,7 @@ import time
 
 import av
 
-from conftest import SMALL, png_bytes
+from api_support import SLOW, SMALL, png_bytes
 
 
 def wait_for(client, video_id, statuses=("completed", "failed", "cancelled"), timeout_s=60.0):
@@ -33,7 +33,7 @@ def test_create_poll_download_delete(make_api):
         content = client.get(f"/v1/videos/{video['id']}/content")
         assert content.headers["content-type"] == "video/mp4"
         frames = mp4_frames(content.content)
-        assert len(frames) == 5 and frames[0].shape == (256, 256, 3)
+        assert len(frames) == 5 and frames[0].shape == (128, 128, 3)
         deleted = client.delete(f"/v1/videos/{video['id']}").json()
         assert deleted == {"id": video["id"], "object": "video.deleted", "deleted": True, "status": "completed"}
         assert client.get(f"/v1/videos/{video['id']}").status_code == 404
@@ -52,7 +52,7 @@ def test_multipart_i2v(make_api):
     with make_api(models=["tiny-i2v"]) as (client, _):
         response = client.post(
             "/v1/videos",
-            data={"prompt": "the ball rolls", "size": "256x256", "num_frames": "5", "num_steps": "2", "seed": "3"},
+            data={"prompt": "the ball rolls", "size": "128x128", "num_frames": "5", "num_steps": "2", "seed": "3"},
             files={"input_reference": ("ball.jpg", png_bytes(128, 128, "JPEG"), "image/jpeg")},
         )
         assert response.status_code == 200, response.text
@@ -64,8 +64,7 @@ def test_multipart_i2v(make_api):
 
 def test_cancel_a_running_job(make_api):
     with make_api() as (client, _):
-        video = client.post("/v1/videos", json={"prompt": "slow", **SMALL, "num_steps": 100, "size": "480x480",
-                                                "num_frames": 17}).json()  # fmt: skip
+        video = client.post("/v1/videos", json={"prompt": "slow", **SLOW}).json()
         running = wait_for(client, video["id"], statuses=("in_progress",))
         assert running["status"] == "in_progress"
         answer = client.delete(f"/v1/videos/{video['id']}").json()

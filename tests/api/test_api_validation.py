@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from conftest import SMALL, png_bytes
+from api_support import SMALL, png_bytes
 
 
 def post(client, body=None, **kw):
@@ -39,6 +39,7 @@ BAD_FIELDS = [
     ({"quant_linear": True}, "quant_linear", "cannot switch"),
     ({"boundary": 0.5}, "boundary", "text-to-video"),
     ({"num_steps": 1000}, "num_steps", "less than or equal to 100"),
+    ({"num_steps": 8}, "num_steps", "rcm sampler takes 1..4 steps"),
     ({"sampler": "ddim"}, "sampler", "rcm"),
     ({"input_reference": {"image_url": "https://example.com/a.png"}}, "input_reference.image_url", "data URLs"),
 ]

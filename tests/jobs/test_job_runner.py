@@ -13,7 +13,7 @@ from turbo_serve.jobs.storage import Storage
 from turbo_serve.pipeline.spec import GenerationSpec
 from turbo_serve.settings import Settings
 
-SPEC = GenerationSpec(prompt="a lighthouse", width=256, height=256, num_frames=5, num_steps=2, attention_type="original")
+SPEC = GenerationSpec(prompt="a lighthouse", width=128, height=128, num_frames=5, num_steps=2, attention_type="original")
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_dead_runner_s_job_is_reaped_and_finished_by_another(parts):
 
 def test_stop_hands_running_jobs_back_without_using_an_attempt(parts):
     settings, store, storage, stages = parts
-    slow = GenerationSpec(**{**SPEC.to_dict(), "num_steps": 100, "width": 480, "height": 480, "num_frames": 17})
+    slow = GenerationSpec(**{**SPEC.to_dict(), "sampler": "euler", "guidance_scale": 1.0, "num_steps": 100})
     store.create(JobRecord(id="video_d", spec=slow))
 
     run_until(settings, store, stages, storage, lambda: store.get("video_d").state is JobState.DENOISING, grace_s=0.0)

@@ -6,58 +6,12 @@ GPU placement of the production config is what gets scheduled, and the replicas 
 
 from __future__ import annotations
 
-import socket
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import httpx
 import pytest
+import ray
+from ray import serve
 
-ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-
-from turbo_serve.settings import Settings  # noqa: E402
-
-SMALL = {"size": "256x256", "num_frames": 5, "num_steps": 2}
-LONG = {"size": "480x480", "num_frames": 17, "num_steps": 100}
-"""A job of several seconds on the CPU, for cancelling and killing mid-denoise."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServedApp:
-    url: str
-    settings: Settings
-    storage: Path
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60.0)
-
-
-def replica_actors(deployment: str) -> list:
-    """Live replica actors of one deployment (Serve names them SERVE_REPLICA::app#deployment#id)."""
-    return [
-        ray.get_actor(a["name"], namespace=a["namespace"])
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::") and a["name"].split("#")[1] == deployment
-    ]
-
-
-def wait_for(client: httpx.Client, video_id: str, statuses=("completed", "failed", "cancelled"), timeout_s=120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        response = client.get(f"/v1/videos/{video_id}")
-        video = response.json() if response.status_code == 200 else {"status": f"http {response.status_code}"}
-        if video.get("status") in statuses:
-            return video
-        assert time.monotonic() < deadline, f"video {video_id} still {video} after {timeout_s} s"
-        time.sleep(0.1)
+from serving_support import ServedApp, free_port
+from turbo_serve.settings import Settings
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_cpu_config_deploys_with_serve_run(served_app, tmp_path):
                 time.sleep(0.5)
             models = [m["id"] for m in listed.json()["data"]]
             assert models == ["tiny-t2v", "tiny-i2v"]
-            video = http.post("/v1/videos/sync", json={"prompt": "from a config file", "size": "256x256",
+            video = http.post("/v1/videos/sync", json={"prompt": "from a config file", "size": "128x128",
                                                        "num_frames": 5, "num_steps": 2})  # fmt: skip
             assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
     finally:

@@ -38,6 +38,7 @@ from turbo_serve.pipeline.resolution import (
     resolve_size,
 )
 from turbo_serve.pipeline.spec import GenerationSpec
+from turbo_serve.sampling import rcm
 from turbo_serve.settings import Settings
 
 SAMPLERS = ("rcm", "unipc", "euler")
@@ -142,6 +143,7 @@ def model_limits(settings: Settings, preset: ModelPreset) -> dict[str, Any]:
     rope_side = (preset.dit.rope_max_positions - 1) * preset.vae.spatial_stride * preset.dit.patch_size[1]
     return {
         "max_num_frames": preset.max_num_frames,
+        "max_num_steps": {"rcm": rcm.MAX_STEPS, "unipc": 100, "euler": 100},
         "max_frame_pixels": settings.max_frame_pixels,
         "max_side": rope_side,
         "size_multiple": SIZE_MULTIPLE,
@@ -234,6 +236,10 @@ def resolve_spec(
     if request.quant_linear is not None and request.quant_linear != settings.quant_linear:
         state = "on" if settings.quant_linear else "off"
         errors.append(("quant_linear", f"this server runs with quant_linear {state} (TURBO_SERVE_QUANT_LINEAR); a request cannot switch it"))
+    sampler = request.sampler or defaults["sampler"]
+    num_steps = request.num_steps or defaults["num_steps"]
+    if sampler == "rcm" and num_steps > rcm.MAX_STEPS:
+        errors.append(("num_steps", f"the rcm sampler takes 1..{rcm.MAX_STEPS} steps, got {num_steps}; unipc and euler take more"))
     if request.boundary is not None and preset.task != "i2v":
         errors.append(("boundary", f"only image-to-video models switch experts; {model} is text-to-video"))
 
