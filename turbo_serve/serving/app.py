@@ -14,11 +14,21 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from turbo_kernels.registry import get_attention_backend
 from turbo_serve.serving.deployments import VAE, Denoiser, TextEncoder
 from turbo_serve.serving.ingress import Ingress
 from turbo_serve.settings import Settings
 
 logger = logging.getLogger("ray.serve")
+
+
+def check_attention_default(settings: Settings) -> None:
+    """Refuse to deploy a default attention backend that is not registered (every request that
+    names none would fail), naming the registered ones and why the others did not load."""
+    try:
+        get_attention_backend(settings.attention_type)
+    except ValueError as error:
+        raise ValueError(f"settings.attention_type: {error}") from None
 
 
 def denoiser_name(model: str) -> str:
@@ -28,6 +38,7 @@ def denoiser_name(model: str) -> str:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder (Serve passes the config's `args` dict; env fills the rest)."""
     settings = (args if isinstance(args, Settings) else Settings(**(args or {}))).with_absolute_paths()
+    check_attention_default(settings)
     options = {kind: d.serve_options() for kind, d in settings.deployments.items()}
 
     def deployment(cls, name: str, kind: str):

@@ -23,12 +23,23 @@ from turbo_serve.pipeline.spec import GenerationSpec
 from turbo_serve.settings import Settings
 
 
+def check_device(device: str) -> None:
+    """Serve's health check of a model replica: the device still answers. cudaMemGetInfo does not
+    wait for running kernels, and raises once the CUDA context is broken (e.g. after an illegal
+    memory access), which is when the replica must be replaced."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.mem_get_info()
+
+
 class TextEncoder:
     """UMT5: batches concurrent prompts (serve.batch) and caches the embeddings of repeated ones."""
 
     def __init__(self, settings: Settings):
         from turbo_serve.pipeline.stages import TextEncodeStage
 
+        self._device = settings.device
         self._stage = TextEncodeStage(settings.pipeline_config())
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = settings.text_cache_size
@@ -58,6 +69,9 @@ class TextEncoder:
     def cache_stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._cache)}
 
+    def check_health(self) -> None:
+        check_device(self._device)
+
 
 class Denoiser:
     """The DiT of one model (both experts of a two-expert I2V model live in this replica)."""
@@ -66,6 +80,7 @@ class Denoiser:
         from turbo_serve.pipeline.stages import DenoiseStage
 
         self.model = model
+        self._device = settings.device
         self._stage = DenoiseStage(settings.pipeline_config(model))
         self._store = open_store(settings.resolved_job_store_url)
         # One generation at a time: a cancelled request's thread finishes its step before the next starts.
@@ -84,6 +99,9 @@ class Denoiser:
         latents = await asyncio.to_thread(run)
         return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
 
+    def check_health(self) -> None:
+        check_device(self._device)
+
 
 class VAE:
     """Decode + mp4 into the storage folder (returns nothing but the file), and I2V image encode."""
@@ -92,6 +110,7 @@ class VAE:
         from turbo_serve.pipeline.stages import DecodeStage, ImageEncodeStage
 
         config = settings.pipeline_config()
+        self._device = settings.device
         self._decoder = DecodeStage(config)
         needs_images = any(get_preset(m).task == "i2v" for m in settings.models)
         self._image_encoder = ImageEncodeStage(config) if needs_images else None
@@ -114,3 +133,6 @@ class VAE:
     async def decode(self, latents, key: str, fps: int) -> None:
         """Decode the latents to an mp4 published at storage key `key` (never a partial file)."""
         await asyncio.to_thread(self._storage.write_via, key, lambda path: self._decoder.write_mp4(latents, path, fps))
+
+    def check_health(self) -> None:
+        check_device(self._device)

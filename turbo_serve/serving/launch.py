@@ -60,10 +60,15 @@ def run(args: argparse.Namespace) -> int:
 
     from turbo_serve.serving.app import build_app
 
+    try:
+        app = build_app(settings)
+    except ValueError as error:
+        print(f"turbo-serve serve: {error}")
+        return 2
     ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/")
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         print(f"\nturbo-serve is up: http://{host}:{args.port}/  (models: {', '.join(settings.models)}; "
               f"API under /v1; Ctrl-C stops it)", flush=True)  # fmt: skip
