@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -35,6 +38,21 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _importable_from_checkout() -> None:
+    """A bare checkout (no pip install): expose turbo_serve and turbo_kernels (the kernels/ folder)
+    to this process and, through PYTHONPATH, to the Ray workers it starts."""
+    if importlib.util.find_spec("turbo_serve") and importlib.util.find_spec("turbo_kernels"):
+        return
+    shim = Path(tempfile.mkdtemp(prefix="turbo-serve-path-"))
+    (shim / "turbo_serve").symlink_to(REPO / "turbo_serve")
+    (shim / "turbo_kernels").symlink_to(REPO / "kernels")
+    sys.path.insert(0, str(shim))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+
+
+_importable_from_checkout()
 DEFAULT_OUT = REPO / "bench" / "results" / "serve_h200.json"
 KINDS = ("Ingress", "TextEncoder", "Denoiser", "VAE")
 
@@ -48,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-frames", type=int, default=81)
     parser.add_argument("--num-steps", type=int, default=4)
     parser.add_argument("--attention", default=None, help="attention_type (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=3, help="single jobs per path (after one warm-up)")
-    parser.add_argument("--jobs", type=int, default=6, help="jobs submitted at once in the concurrent phase")
+    parser.add_argument("--repeats", type=int, default=2, help="single jobs per path (after one warm-up)")
+    parser.add_argument("--jobs", type=int, default=4, help="jobs submitted at once in the concurrent phase")
     parser.add_argument("--time-budget-s", type=float, default=270.0, help="phases past it are skipped")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)

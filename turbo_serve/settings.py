@@ -52,8 +52,9 @@ class DeploymentSettings(BaseModel):
 
     num_cpus: float = Field(0.25, ge=0)
     """Logical CPUs reserved per replica; fractional so all four deployments fit on 2 cores."""
-    num_gpus: float = Field(0.0, ge=0)
-    """Logical GPUs per replica; fractions share one GPU (no memory isolation)."""
+    num_gpus: float | None = Field(None, ge=0)
+    """Logical GPUs per replica; fractions share one GPU (no memory isolation). None: by device
+    (none on the CPU; on CUDA a whole GPU per Denoiser, half a GPU for the TextEncoder and VAE)."""
     max_ongoing_requests: int = Field(4, ge=1)
     autoscaling: Autoscaling | None = None
     """None: a fixed single replica."""
@@ -62,10 +63,11 @@ class DeploymentSettings(BaseModel):
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
     """How long Serve lets in-flight requests finish before it kills a stopping replica."""
 
-    def serve_options(self) -> dict[str, Any]:
+    def serve_options(self, default_num_gpus: float = 0.0) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`."""
+        num_gpus = default_num_gpus if self.num_gpus is None else self.num_gpus
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
             "max_ongoing_requests": self.max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
@@ -94,6 +96,7 @@ def _default_deployments() -> dict[str, DeploymentSettings]:
 
 
 DEPLOYMENT_KINDS = ("Ingress", "TextEncoder", "Denoiser", "VAE")
+_CUDA_NUM_GPUS = {"Ingress": 0.0, "TextEncoder": 0.5, "Denoiser": 1.0, "VAE": 0.5}
 
 
 class Settings(BaseSettings):
@@ -216,6 +219,11 @@ class Settings(BaseSettings):
             "cache_dir": str(Path(self.cache_dir).resolve()),
             "job_store_url": url,
         })  # fmt: skip
+
+    def deployment_options(self, kind: str) -> dict[str, Any]:
+        """Serve options of one deployment kind, GPUs defaulted by device."""
+        default_gpus = _CUDA_NUM_GPUS[kind] if self.device.startswith("cuda") else 0.0
+        return self.deployments[kind].serve_options(default_gpus)
 
     @property
     def default_model(self) -> str:

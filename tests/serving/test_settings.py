@@ -13,7 +13,7 @@ def test_defaults_serve_tiny_t2v_on_the_cpu(monkeypatch):
     settings = Settings()
     assert settings.models == ["tiny-t2v"] and settings.device == "cpu" and settings.attention_type == "sagesla"
     assert settings.resolved_job_store_url == "sqlite:///outputs/jobs.sqlite3"
-    denoiser = settings.deployments["Denoiser"].serve_options()
+    denoiser = settings.deployment_options("Denoiser")
     assert denoiser["max_ongoing_requests"] == 1 and denoiser["autoscaling_config"]["target_ongoing_requests"] == 1
     assert sum(d.num_cpus for d in settings.deployments.values()) <= 2  # fits a 2-core machine
 
@@ -26,7 +26,15 @@ def test_environment_and_arguments(monkeypatch):
     assert settings.models == ["tiny-t2v", "tiny-i2v"] and settings.max_queued_jobs == 9
     assert settings.deployments["Denoiser"].num_gpus == 0.5
     assert settings.deployments["Denoiser"].max_ongoing_requests == 1  # the rest keeps its defaults
-    assert settings.deployments["VAE"].num_gpus == 0.0
+    assert settings.deployment_options("VAE")["ray_actor_options"]["num_gpus"] == 0.0
+
+
+def test_gpus_default_by_device():
+    cuda = Settings(device="cuda", deployments={"VAE": {"num_gpus": 0.2}})
+    gpus = {kind: cuda.deployment_options(kind)["ray_actor_options"]["num_gpus"] for kind in cuda.deployments}
+    assert gpus == {"Ingress": 0.0, "TextEncoder": 0.5, "Denoiser": 1.0, "VAE": 0.2}
+    cpu = Settings(device="cpu")
+    assert all(cpu.deployment_options(k)["ray_actor_options"]["num_gpus"] == 0.0 for k in cpu.deployments)
 
 
 @pytest.mark.parametrize(

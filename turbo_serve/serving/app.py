@@ -39,7 +39,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder (Serve passes the config's `args` dict; env fills the rest)."""
     settings = (args if isinstance(args, Settings) else Settings(**(args or {}))).with_absolute_paths()
     check_attention_default(settings)
-    options = {kind: d.serve_options() for kind, d in settings.deployments.items()}
+    options = {kind: settings.deployment_options(kind) for kind in settings.deployments}
 
     def deployment(cls, name: str, kind: str):
         logger.info("turbo-serve deployment %s: %s", name, options[kind])
