@@ -184,3 +184,18 @@ def test_models_card_carries_defaults_choices_limits(make_api):
         assert cards["tiny-i2v"]["defaults"]["adaptive_resolution"] is True
         assert "original" in cards["tiny-t2v"]["choices"]["attention_type"]
         assert cards["tiny-t2v"]["limits"]["fps"] == 16 and cards["tiny-t2v"]["defaults"]["num_frames"] == 81
+
+
+def test_image_as_data_url_in_json_and_as_openai_object_form(make_api):
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(128, 128)).decode()
+    with make_api(run_jobs=False, models=["tiny-i2v"]) as (client, context):
+        as_json = post(client, {"prompt": "go", **SMALL, "input_reference": {"image_url": data_url}})
+        as_form = client.post("/v1/videos", data={"prompt": "go", "size": "128x128", "num_frames": "5",
+                                                  "num_steps": "2", "input_reference[image_url]": data_url})  # fmt: skip
+        for response in (as_json, as_form):
+            assert response.status_code == 200, response.text
+            record = context.store.get(response.json()["id"])
+            assert context.storage.path(record.spec.image_path).read_bytes() == png_bytes(128, 128)
+        assert only_error(post(client, {"prompt": "go", **SMALL, "input_reference": {"file_id": "file_1"}}))["param"] == (
+            "input_reference.file_id"
+        )

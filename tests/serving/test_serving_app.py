@@ -76,6 +76,18 @@ def test_sync_endpoint_idempotency_and_validation(served_app):
         assert {d["param"] for d in bad.json()["error"]["details"]} == {"size", "num_frames"}
 
 
+def test_text_encoder_caches_repeated_prompts(served_app):
+    from ray import serve
+
+    encoder = serve.get_deployment_handle("TextEncoder", app_name="turbo-serve")
+    before = encoder.cache_stats.remote().result()
+    with served_app.client() as http:
+        ids = [http.post("/v1/videos", json={"prompt": "the same prompt", **SMALL, "seed": i}).json()["id"] for i in range(3)]
+        assert all(wait_for(http, i)["status"] == "completed" for i in ids)
+    after = encoder.cache_stats.remote().result()
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 2
+
+
 def test_status_shows_replicas_queue_and_no_gpu(served_app):
     with served_app.client() as http:
         status = http.get("/v1/status").json()

@@ -42,18 +42,29 @@ class TextEncoder:
         self._device = settings.device
         self._stage = TextEncodeStage(settings.pipeline_config())
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._pending: dict[str, asyncio.Future] = {}
         self._cache_size = settings.text_cache_size
         self.hits = self.misses = 0
 
     async def encode(self, prompt: str):
-        """[text_len, text_dim] CPU tensor of one prompt."""
+        """[text_len, text_dim] CPU tensor of one prompt. A prompt already being encoded for
+        another request is waited for, not encoded twice."""
         cached = self._cache.get(prompt)
         if cached is not None:
             self._cache.move_to_end(prompt)
             self.hits += 1
             return cached
+        pending = self._pending.get(prompt)
+        if pending is not None:
+            self.hits += 1
+            return await asyncio.shield(pending)
         self.misses += 1
-        embedding = await self._encode_batch(prompt)
+        task = asyncio.ensure_future(self._encode_batch(prompt))
+        self._pending[prompt] = task
+        try:
+            embedding = await asyncio.shield(task)  # a cancelled caller leaves the others their result
+        finally:
+            self._pending.pop(prompt, None)
         if self._cache_size:
             self._cache[prompt] = embedding
             while len(self._cache) > self._cache_size:
