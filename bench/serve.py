@@ -73,7 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.num_frames, args.num_steps = "128x128", 5, 2
-        args.attention = args.attention or "original"
         args.jobs = min(args.jobs, 3)
         args.repeats = min(args.repeats, 2)
     return args

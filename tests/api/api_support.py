@@ -7,7 +7,7 @@ import io
 from PIL import Image
 
 # Small and quick on the CPU: 128x128, 5 frames, 2 steps.
-SMALL = {"size": "128x128", "num_frames": 5, "num_steps": 2, "attention_type": "original"}
+SMALL = {"size": "128x128", "num_frames": 5, "num_steps": 2}
 SLOW = {**SMALL, "size": "256x256", "sampler": "euler", "guidance_scale": 1, "num_steps": 100}
 """100 cheap steps (about 10 ms each): long enough to act on a job mid-denoise."""
 

@@ -21,7 +21,7 @@ def make_api(tmp_path):
 
     @contextmanager
     def make(run_jobs: bool = True, **overrides):
-        settings = Settings(**{"storage_dir": str(tmp_path / "storage"), "attention_type": "original",
+        settings = Settings(**{"storage_dir": str(tmp_path / "storage"),
                                "cache_dir": str(tmp_path / "cache"), "poll_interval_s": 0.05, **overrides})  # fmt: skip
         store = SqliteJobStore(tmp_path / "storage" / "jobs.sqlite3")
         storage = Storage(settings.storage_dir)

@@ -122,7 +122,7 @@ def test_image_rules_for_task(make_api):
 def test_i2v_adaptive_size_follows_the_image(make_api):
     with make_api(run_jobs=False, **I2V) as (client, _):
         response = client.post("/v1/videos", data={"prompt": "go", "model": "tiny-i2v", "resolution": "480p",
-                                                   "num_frames": "5", "attention_type": "original"},
+                                                   "num_frames": "5"},
                                files={"input_reference": ("in.png", png_bytes(300, 200), "image/png")})  # fmt: skip
         assert response.status_code == 200, response.text
         video = response.json()
@@ -182,7 +182,8 @@ def test_models_card_carries_defaults_choices_limits(make_api):
         cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
         assert cards["tiny-i2v"]["task"] == "i2v" and cards["tiny-t2v"]["task"] == "t2v"
         assert cards["tiny-i2v"]["defaults"]["adaptive_resolution"] is True
-        assert "original" in cards["tiny-t2v"]["choices"]["attention_type"]
+        assert {"original", "sagesla"} <= set(cards["tiny-t2v"]["choices"]["attention_type"])
+        assert cards["tiny-t2v"]["defaults"]["attention_type"] == "sagesla"
         assert cards["tiny-t2v"]["limits"]["fps"] == 16 and cards["tiny-t2v"]["defaults"]["num_frames"] == 81
 
 

@@ -13,12 +13,12 @@ from turbo_serve.jobs.storage import Storage
 from turbo_serve.pipeline.spec import GenerationSpec
 from turbo_serve.settings import Settings
 
-SPEC = GenerationSpec(prompt="a lighthouse", width=128, height=128, num_frames=5, num_steps=2, attention_type="original")
+SPEC = GenerationSpec(prompt="a lighthouse", width=128, height=128, num_frames=5, num_steps=2)
 
 
 @pytest.fixture
 def parts(tmp_path):
-    settings = Settings(storage_dir=str(tmp_path / "s"), attention_type="original", cache_dir=str(tmp_path / "c"),
+    settings = Settings(storage_dir=str(tmp_path / "s"), cache_dir=str(tmp_path / "c"),
                         poll_interval_s=0.05, lease_s=0.5, job_max_attempts=2)  # fmt: skip
     store = SqliteJobStore(tmp_path / "s" / "jobs.sqlite3")
     storage = Storage(settings.storage_dir)

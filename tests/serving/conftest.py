@@ -23,7 +23,6 @@ def served_app(tmp_path_factory) -> ServedApp:
     gpu_share = {"num_cpus": 0.25}
     settings = Settings(
         models=["tiny-t2v", "tiny-i2v"],
-        attention_type="original",
         storage_dir=str(storage),
         cache_dir=str(tmp_path_factory.mktemp("cache")),
         max_queued_jobs=6,

@@ -94,7 +94,7 @@ def test_cpu_config_deploys_with_serve_run(served_app, tmp_path):
     config.pop("http_options")  # the test cluster's proxy is already up
     app = config["applications"][0]
     app.update(name="turbo-serve-config", route_prefix="/config-test")
-    app["args"].update(storage_dir=str(tmp_path / "storage"), cache_dir=str(tmp_path / "cache"), attention_type="original")
+    app["args"].update(storage_dir=str(tmp_path / "storage"), cache_dir=str(tmp_path / "cache"))
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}

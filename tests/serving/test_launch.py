@@ -17,8 +17,7 @@ pytestmark = pytest.mark.ray
 
 def test_turbo_serve_serve_prints_the_url_and_serves(tmp_path):
     port = free_port()
-    command = [str(Path(sys.executable).with_name("turbo-serve")), "serve", "--port", str(port), "--num-cpus", "2",
-               "--set", "attention_type=original"]  # fmt: skip
+    command = [str(Path(sys.executable).with_name("turbo-serve")), "serve", "--port", str(port), "--num-cpus", "2"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:

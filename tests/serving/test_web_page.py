@@ -47,7 +47,7 @@ def test_submit_watch_progress_and_play(served_app, page):
     page.select_option("#param-sampler", "euler")
     page.fill("#param-guidance_scale", "1")
     page.fill("#param-num_steps", "60")
-    page.select_option("#param-attention_type", "original")
+    assert page.input_value("#param-attention_type") == "sagesla"
     page.click("#submit")
 
     progress_seen = set()
