@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from redis_support import RedisServer
 from turbo_serve.jobs.redis_store import RedisJobStore
 from turbo_serve.jobs.sqlite_store import SqliteJobStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> str:
     """A redis-server of our own on a loopback port, without persistence, for the whole session."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (make test installs it: make system-deps)")
-    port = free_port()
-    folder: Path = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    RedisJobStore(url).ping(timeout_s=10.0)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -1,4 +1,4 @@
-"""Shared by the API tests (a module of its own: several conftest.py files coexist in one run)."""
+"""Shared by the tests of the HTTP API (tests/api, tests/reliability)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared by the serving tests (a module of its own: several conftest.py files coexist in one run)."""
+"""Shared by the tests that drive the application over HTTP (tests/serving, tests/load, tests/reliability)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import ray
 
 from turbo_serve.settings import Settings
 
@@ -35,6 +34,8 @@ class ServedApp:
 
 def replica_actors(deployment: str) -> list:
     """Live replica actors of one deployment (Serve names them SERVE_REPLICA::app#deployment#id)."""
+    import ray
+
     return [
         ray.get_actor(a["name"], namespace=a["namespace"])
         for a in ray.util.list_named_actors(all_namespaces=True)
