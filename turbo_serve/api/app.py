@@ -260,7 +260,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
 
 def _content_response(storage: Storage, record: JobRecord, headers: dict[str, str]) -> FileResponse:
-    path = storage.path(record.result_key) if record.result_key else None
+    try:
+        path = storage.path(record.result_key) if record.result_key else None
+    except ValueError:  # a corrupt or tampered record: never read outside the storage folder
+        logger.error("video %s has a result key outside the storage folder: %r", record.id, record.result_key)
+        path = None
     if path is None or not path.is_file():
         raise ApiError(404, f"the video file of {record.id} is gone (expired or deleted)", code="not_found")
     return FileResponse(path, media_type="video/mp4", filename=path.name, headers=headers)
@@ -289,6 +293,8 @@ async def _read_create_body(request: Request, settings: Settings) -> tuple[dict[
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise FieldError([("body", f"is not valid JSON: {error}")]) from None
+        except RecursionError:  # the parser recurses per nesting level
+            raise FieldError([("body", "is nested too deeply to be a create request")]) from None
         if not isinstance(data, dict):
             raise FieldError([("body", "must be a JSON object")])
         return data, None

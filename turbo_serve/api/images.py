@@ -46,7 +46,9 @@ def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> UploadedImag
             image.load()
     except FieldError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own header check fired first
+        raise FieldError([(FIELD, f"the image declares over {Image.MAX_IMAGE_PIXELS} pixels; the limit is {max_pixels}")]) from None
+    except UnidentifiedImageError:
         raise FieldError([(FIELD, "must be a PNG or JPEG image (the data is not a readable image)")]) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise FieldError([(FIELD, f"the image is truncated or corrupt: {error}")]) from None

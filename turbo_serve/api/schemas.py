@@ -42,7 +42,7 @@ from turbo_serve.sampling import rcm
 from turbo_serve.settings import Settings
 
 SAMPLERS = ("rcm", "unipc", "euler")
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSpec)}
 
 
@@ -57,12 +57,13 @@ class FieldError(Exception):
 class VideoCreateRequest(BaseModel):
     """Body of POST /v1/videos (JSON, or multipart form fields with an `input_reference` file)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse as JSON numbers in Python; no field has a use for them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(description="What the video shows.")
     model: str | None = Field(None, description="A served model (GET /v1/models); default the first.")
     size: str | None = Field(None, description="WxH in pixels, multiples of 16, e.g. 832x480.")
-    seconds: float | None = Field(None, gt=0, description="Duration at 16 fps; 4n+1 frames (see num_frames).")
+    seconds: float | None = Field(None, gt=0, le=3600, description="Duration at 16 fps; 4n+1 frames (see num_frames).")
     input_reference: Any = Field(
         None, description="I2V image: a PNG/JPEG file part (multipart), or {'image_url': 'data:image/png;base64,...'}."
     )
@@ -72,7 +73,7 @@ class VideoCreateRequest(BaseModel):
     num_frames: int | None = Field(None, ge=1, description="4n+1 frames (1, 5, ..., 81).")
     num_steps: int | None = Field(None, ge=1, le=100)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    sigma_max: float | None = Field(None, gt=0)
+    sigma_max: float | None = Field(None, gt=0, le=1000, description="rCM starting sigma (defaults 80 T2V, 200 I2V).")
     attention_type: str | None = None
     sla_topk: float | None = Field(None, gt=0, le=1, description="Fraction of key blocks attended exactly, (0, 1].")
     quant_linear: bool | None = None
@@ -182,6 +183,9 @@ def _check_prompt(name: str, text: str, settings: Settings, errors: list, *, req
         errors.append((name, f"is {len(text)} characters; the limit is {settings.max_prompt_chars}"))
     if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text):
         errors.append((name, "must not contain control characters"))
+    surrogate = next((c for c in text if unicodedata.category(c) == "Cs"), None)
+    if surrogate is not None:  # JSON can escape one (\\ud800), but no UTF-8 text holds it
+        errors.append((name, f"must be valid Unicode text: lone surrogate U+{ord(surrogate):04X}"))
     return text
 
 
@@ -210,7 +214,7 @@ def resolve_spec(
         errors.append(("input_reference", f"model {model} is text-to-video; image-to-video models served: {i2v or 'none'}"))
 
     width, height = _resolve_geometry(request, preset, defaults, image_size, errors)
-    if width and height:
+    if width is not None and height is not None:
         try:
             check_size(width, height)
         except ValueError as error:
