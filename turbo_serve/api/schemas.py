@@ -184,7 +184,7 @@ def _check_prompt(name: str, text: str, settings: Settings, errors: list, *, req
     if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text):
         errors.append((name, "must not contain control characters"))
     surrogate = next((c for c in text if unicodedata.category(c) == "Cs"), None)
-    if surrogate is not None:  # JSON can escape one (\\ud800), but no UTF-8 text holds it
+    if surrogate is not None:  # JSON can escape one (\ud800), but no UTF-8 text holds it
         errors.append((name, f"must be valid Unicode text: lone surrogate U+{ord(surrogate):04X}"))
     return text
 
