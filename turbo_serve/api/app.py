@@ -30,7 +30,9 @@ from starlette.formparsers import FormParser, MultiPartException, MultiPartParse
 
 from turbo_serve.api.images import check_image, decode_image_reference
 from turbo_serve.api.schemas import (
+    ErrorResponse,
     FieldError,
+    Video,
     VideoCreateRequest,
     VideoDeleted,
     VideoList,
@@ -49,6 +51,34 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 _IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,255}$")
 _VIDEO_ID = re.compile(r"^video_[0-9a-f]{32}$")
+
+
+_ERRORS = {
+    401: "Missing or wrong API key (when the server has one)",
+    404: "No such video, or its file is gone",
+    409: "Idempotency-Key reused for another request; the video was cancelled; or it is not completed yet",
+    413: "Request body over the size limit",
+    415: "Content-Type is neither JSON nor a form",
+    422: "Invalid fields: `details` lists each with its rule",
+    429: "The queue is full: retry after Retry-After seconds",
+    503: "The job store is unreachable, or generation failed for a retryable reason",
+    504: "The video was not ready within sync_timeout_s; poll it",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def _documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer (401 on every /v1 route)."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for status in sorted({401, *statuses}):
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _ERRORS[status]}
+        if status in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        documented[status] = entry
+    return documented
+
+
+_MP4 = {200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}, "description": "The mp4"}}
 
 
 @dataclass
@@ -152,13 +182,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 await asyncio.to_thread(ctx.storage.delete, spec.image_path)
         return stored
 
-    @api.post("/videos", openapi_extra=body_doc, summary="Create a video job")
+    @api.post("/videos", openapi_extra=body_doc, summary="Create a video job", response_model=Video,
+              responses=_documented_errors(409, 413, 415, 422, 429, 503))  # fmt: skip
     async def create_video(request: Request) -> JSONResponse:
         record = await create(request)
         return JSONResponse(video_object(record, settings).model_dump(mode="json"))
 
     @api.post("/videos/sync", openapi_extra=body_doc, summary="Create a video and wait for the mp4",
-              response_class=FileResponse)  # fmt: skip
+              response_class=FileResponse, responses={**_MP4, **_documented_errors(404, 409, 413, 415, 422, 429, 503, 504)})  # fmt: skip
     async def create_video_sync(request: Request):
         record = await create(request)
         try:
@@ -182,7 +213,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         raise ApiError(504, f"video {done.id} is still {done.state.api_status} after {settings.sync_timeout_s:g} s; "
                        f"poll GET /v1/videos/{done.id}", code="timeout", headers=headers)  # fmt: skip
 
-    @api.get("/videos", response_model=VideoList, summary="List videos, newest first")
+    @api.get("/videos", response_model=VideoList, summary="List videos, newest first", responses=_documented_errors(422, 503))
     async def list_videos(
         after: str | None = None,
         limit: int = Query(20, ge=1, le=100),
@@ -196,11 +227,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return VideoList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                          has_more=has_more)  # fmt: skip
 
-    @api.get("/videos/{video_id}", summary="Retrieve a video job")
+    @api.get("/videos/{video_id}", summary="Retrieve a video job", response_model=Video,
+             responses=_documented_errors(404, 503))  # fmt: skip
     async def retrieve_video(video_id: str) -> JSONResponse:
         return JSONResponse(video_object(await find(video_id), settings).model_dump(mode="json"))
 
-    @api.delete("/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video (cancels it if running)")
+    @api.delete("/videos/{video_id}", response_model=VideoDeleted, summary="Delete a video (cancels it if running)",
+                responses=_documented_errors(404, 503))  # fmt: skip
     async def delete_video(video_id: str) -> VideoDeleted:
         record = await find(video_id)
         if not record.state.terminal:
@@ -217,7 +250,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
                 await asyncio.to_thread(ctx.storage.delete, key)
         return VideoDeleted(id=video_id, deleted=deleted is not None, status=record.state.api_status)
 
-    @api.get("/videos/{video_id}/content", response_class=FileResponse, summary="Download the mp4")
+    @api.get("/videos/{video_id}/content", response_class=FileResponse, summary="Download the mp4",
+             responses={**_MP4, **_documented_errors(404, 409, 422, 503)})  # fmt: skip
     async def download_video(video_id: str, variant: Literal["video"] = "video"):
         record = await find(video_id)
         if record.state is not JobState.COMPLETED:
@@ -225,11 +259,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
                            code="not_ready")  # fmt: skip
         return _content_response(ctx.storage, record, {})
 
-    @api.get("/models", summary="Served models with their defaults, choices and limits")
+    @api.get("/models", summary="Served models with their defaults, choices and limits", responses=_documented_errors())
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card(settings, m) for m in settings.models]}
 
-    @api.get("/status", summary="Queue, jobs by state, replicas per deployment, GPUs")
+    @api.get("/status", summary="Queue, jobs by state, replicas per deployment, GPUs", responses=_documented_errors(503))
     async def status() -> dict[str, Any]:
         counts = await store_call(ctx.store.counts)
         running = sum(counts[s.value] for s in JobState if s.running)

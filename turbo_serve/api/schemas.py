@@ -314,6 +314,26 @@ def _resolve_frames(request, defaults, errors) -> int | None:
     return from_seconds if from_seconds is not None else defaults["num_frames"]
 
 
+class ErrorDetail(BaseModel):
+    param: str
+    message: str
+
+
+class ErrorObject(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: str | None
+    code: str
+    details: list[ErrorDetail] | None = None
+    """Every bad field of a 422, not only the first."""
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, the body of every 4xx and 5xx."""
+
+    error: ErrorObject
+
+
 class VideoError(BaseModel):
     code: str
     message: str
