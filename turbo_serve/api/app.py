@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -109,6 +109,39 @@ def error_response(status: int, message: str, *, code: str, param: str | None = 
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
+PUBLIC_PREFIXES = ("/static/",)
+"""What answers without the API key: liveness and the web page (which then sends the key itself)."""
+
+
+class ApiKeyMiddleware:
+    """Every path but PUBLIC_PATHS needs `Authorization: Bearer <key>`. A middleware rather than a
+    route dependency, so a route added later (or FastAPI's own /docs and /openapi.json) is guarded
+    without anyone remembering to; pure ASGI so client disconnects still cancel the handler."""
+
+    def __init__(self, app, key: str):
+        self.app, self._key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self._public(scope) and not self._authorized(scope):
+            response = error_response(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    def _public(scope) -> bool:
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+    def _authorized(self, scope) -> bool:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token, self._key)
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     settings = ctx.settings
 
@@ -121,17 +154,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="turbo-serve", version="0.1.0", lifespan=lifespan,
                   description="TurboDiffusion video generation; OpenAI Videos API shape.")  # fmt: skip
     _install_error_handlers(app)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
 
-    def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_key.get_secret_value().encode()):
-            raise ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    api = APIRouter(prefix="/v1")
     body_doc = {"requestBody": {"content": {
         "application/json": {"schema": VideoCreateRequest.model_json_schema()},
         "multipart/form-data": {"schema": VideoCreateRequest.model_json_schema()},
