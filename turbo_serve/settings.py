@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     max_upload_pixels: int = Field(4096 * 4096, ge=1)
     max_frame_pixels: int = Field(1280 * 720, ge=256)
     """Largest width*height a request may ask for (720p)."""
+    denoiser_memory_gib: float | None = Field(None, gt=0)
+    """Device memory one Denoiser replica may use. A request whose estimated peak
+    (turbo_serve.pipeline.memory) exceeds it is refused with 422 before it queues. None: on CUDA the
+    GPU's memory times the Denoiser's num_gpus, read when the application is built; on the CPU, no
+    limit."""
     api_key: SecretStr | None = None
     """When set, every route except /healthz and the web page needs `Authorization: Bearer <key>`."""
     text_cache_size: int = Field(256, ge=0)

@@ -232,7 +232,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         if done.state is JobState.CANCELLED:
             raise ApiError(409, f"video {done.id} was cancelled", code="cancelled", headers=headers)
         if done.state is JobState.FAILED:
-            status = 422 if done.error and done.error.code == "invalid_request" else 503
+            # Retrying the same request cannot help an invalid or too-large one; anything else may pass later.
+            status = 422 if done.error and done.error.code in ("invalid_request", "out_of_memory") else 503
             message = done.error.message if done.error else "generation failed"
             raise ApiError(status, f"video {done.id} failed: {message}", code=done.error.code if done.error else "failed",
                            headers={**headers, **({"Retry-After": str(ctx.runner.retry_after_s())} if status == 503 else {})})  # fmt: skip

@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from turbo_kernels.registry import AttentionMetadata, attention_types
 from turbo_serve.jobs.record import JobRecord
+from turbo_serve.jobs.runner import needs_negative_prompt
 from turbo_serve.models.configs import ModelPreset, get_preset
+from turbo_serve.pipeline.memory import GIB, estimate_denoise_memory, lowering_advice
 from turbo_serve.pipeline.resolution import (
     ASPECT_RATIOS,
     FPS,
@@ -152,6 +154,7 @@ def model_limits(settings: Settings, preset: ModelPreset) -> dict[str, Any]:
         "max_prompt_chars": settings.max_prompt_chars,
         "max_upload_bytes": settings.max_upload_bytes,
         "max_upload_pixels": settings.max_upload_pixels,
+        "denoiser_memory_gib": settings.denoiser_memory_gib,
     }
 
 
@@ -250,7 +253,7 @@ def resolve_spec(
     if errors:
         raise FieldError(errors)
     pick = lambda name: getattr(request, name) if getattr(request, name) is not None else defaults[name]  # noqa: E731
-    return GenerationSpec(
+    spec = GenerationSpec(
         prompt=prompt,
         model=model,
         width=width,
@@ -270,6 +273,22 @@ def resolve_spec(
         shift=pick("shift"),
         fps=FPS,
     )
+    _check_memory(settings, spec)
+    return spec
+
+
+def _check_memory(settings: Settings, spec: GenerationSpec) -> None:
+    """Refuse up front what the Denoiser could not hold, rather than fail it after its queue wait."""
+    budget = settings.denoiser_memory_gib
+    if budget is None:
+        return
+    guided = needs_negative_prompt(spec)
+    estimate = estimate_denoise_memory(spec.model, spec.width, spec.height, spec.num_frames, dtype=settings.dtype,
+                                       quant_linear=settings.quant_linear, guided=guided)  # fmt: skip
+    if estimate.total_bytes > budget * GIB:
+        advice = lowering_advice(quant_linear=settings.quant_linear, guided=guided)
+        raise FieldError([("size", f"{spec.width}x{spec.height} with {spec.num_frames} frames needs {estimate.describe()} "
+                                   f"on the Denoiser, which has {budget:.1f} GiB on this server: {advice}")])  # fmt: skip
 
 
 def _resolve_geometry(request, preset, defaults, image_size, errors) -> tuple[int | None, int | None]:

@@ -88,7 +88,7 @@ class IdempotencyConflict(ValueError):
 @dataclass(frozen=True)
 class JobError:
     code: str
-    """Machine-readable: worker_lost, invalid_request, generation_failed, internal_error."""
+    """Machine-readable: worker_lost, invalid_request, out_of_memory, generation_failed, internal_error."""
     message: str
 
 

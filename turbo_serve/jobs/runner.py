@@ -38,6 +38,7 @@ from turbo_serve.jobs.record import (
 from turbo_serve.jobs.storage import Storage, output_key
 from turbo_serve.jobs.store import JobStore
 from turbo_serve.models.configs import get_preset
+from turbo_serve.pipeline.memory import OutOfMemory
 from turbo_serve.pipeline.spec import GenerationSpec, output_name
 
 logger = logging.getLogger(__name__)
@@ -330,6 +331,9 @@ class JobRunner:
             await self._give_back(job, f"{stage} failed: {error}")
         except LeaseLost:
             logger.warning("job %s: lost ownership during %s; the new owner carries on", job.id, stage)
+        except OutOfMemory as error:  # the replica freed its memory; the same request would fail again
+            logger.warning("job %s: %s", job.id, error)
+            await self._finish(job, JobState.FAILED, error=JobError("out_of_memory", f"{stage}: {error}"))
         except ValueError as error:
             await self._finish(job, JobState.FAILED, error=JobError("invalid_request", f"{stage}: {error}"))
         except Exception as error:

@@ -54,6 +54,11 @@ class GraphedForward:
         with self._lock:
             return self._replay(key, x, timestep, context, attention)
 
+    def clear(self) -> None:
+        """Drop every captured graph with its activation pool (after an out-of-memory error)."""
+        with self._lock:
+            self._graphs.clear()
+
     def _replay(self, key: Hashable, x, timestep, context, attention) -> torch.Tensor:
         if key not in self._graphs:
             self._graphs[key] = self._capture(x, timestep, context, attention)

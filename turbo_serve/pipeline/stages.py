@@ -7,11 +7,12 @@ tensors: that is what crosses deployments through Ray's object store.
 
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from turbo_serve.models.loading import load_dit
 from turbo_serve.models.loading_vae_text import load_text_encoder, load_vae
 from turbo_serve.models.tokenizer import ensure_tiny_tokenizer
 from turbo_serve.pipeline.cuda_graphs import GraphedForward
+from turbo_serve.pipeline.memory import OutOfMemory, estimate_denoise_memory, lowering_advice
 from turbo_serve.pipeline.resolution import check_num_frames, check_size, latent_frames
 from turbo_serve.pipeline.spec import GenerationSpec, output_name
 from turbo_serve.pipeline.video import Mp4Writer, to_uint8_frames
@@ -29,6 +31,7 @@ from turbo_serve.sampling import flow, rcm
 from turbo_serve.sampling.base import Cancelled
 
 GenerationCancelled = Cancelled
+T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +74,29 @@ class PipelineConfig:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Hand what a failed call left behind back: unreachable tensors to the caching allocator (gc),
+    and its cached blocks to the driver, for the other replicas sharing the GPU (empty_cache)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def raise_out_of_memory_clean(call: Callable[[], T], device: torch.device, describe: Callable[[str], str],
+                              release: Callable[[], None] | None = None) -> T:  # fmt: skip
+    """call(), or OutOfMemory(describe(torch's first line)) once its memory is freed. The memory is
+    freed after the except block: inside it, the traceback still holds the frames, and with them
+    the activations, of the call that failed."""
+    try:
+        return call()
+    except torch.OutOfMemoryError as error:
+        detail = str(error).split("\n", 1)[0]
+    if release is not None:
+        release()
+    free_device_memory(device)
+    raise OutOfMemory(describe(detail))
 
 
 class TextEncodeStage:
@@ -159,7 +185,6 @@ class DenoiseStage:
         AttentionMetadata(spec.attention_type, spec.sla_topk)
         get_attention_backend(spec.attention_type)
 
-    @torch.inference_mode()
     def __call__(
         self,
         spec: GenerationSpec,
@@ -170,7 +195,31 @@ class DenoiseStage:
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Final latents [16, T, h, w], float32 on the CPU."""
+        """Final latents [16, T, h, w], float32 on the CPU. Out of device memory: OutOfMemory saying
+        what to lower, raised once the memory (captured graphs included) is released, so the next
+        request runs on a clean device."""
+        config = self.config
+
+        def describe(detail: str) -> str:
+            guided = spec.sampler != "rcm" and negative_text is not None
+            estimate = estimate_denoise_memory(spec.model, spec.width, spec.height, spec.num_frames,
+                                               dtype=config.dtype, quant_linear=config.quant_linear, guided=guided)  # fmt: skip
+            return (f"out of device memory denoising {spec.width}x{spec.height} with {spec.num_frames} frames "
+                    f"(estimated {estimate.describe()}): "
+                    f"{lowering_advice(quant_linear=config.quant_linear, guided=guided)} [{detail}]")  # fmt: skip
+
+        return raise_out_of_memory_clean(
+            lambda: self._sample(spec, text, negative_text, condition, on_step, should_stop),
+            config.torch_device, describe, release=self._drop_graphs,
+        )  # fmt: skip
+
+    def _drop_graphs(self) -> None:
+        for forward in self._forwards:
+            if isinstance(forward, GraphedForward):
+                forward.clear()
+
+    @torch.inference_mode()
+    def _sample(self, spec, text, negative_text, condition, on_step, should_stop) -> torch.Tensor:
         self.validate(spec, condition is not None)
         preset, device, dtype = self.config.preset, self.config.torch_device, self.config.torch_dtype
         attention = AttentionMetadata(spec.attention_type, spec.sla_topk)
@@ -220,15 +269,26 @@ class DecodeStage:
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         """uint8 frames [F, H, W, 3]."""
-        return torch.cat(list(self._frames(latents)))
+        return raise_out_of_memory_clean(lambda: torch.cat(list(self._frames(latents))),
+                                         self.config.torch_device, self._describe_oom(latents))  # fmt: skip
 
     @torch.inference_mode()
     def write_mp4(self, latents: torch.Tensor, path: str | Path, fps: int = 16) -> Path:
         height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
-        with Mp4Writer(path, width=width, height=height, fps=fps) as writer:
-            for frames in self._frames(latents):
-                writer.write(frames)
-        return Path(path)
+
+        def write() -> Path:
+            with Mp4Writer(path, width=width, height=height, fps=fps) as writer:
+                for frames in self._frames(latents):
+                    writer.write(frames)
+            return Path(path)
+
+        return raise_out_of_memory_clean(write, self.config.torch_device, self._describe_oom(latents))
+
+    @staticmethod
+    def _describe_oom(latents: torch.Tensor) -> Callable[[str], str]:
+        # The decoder streams one latent frame at a time: only the frame size matters.
+        size = f"{latents.shape[-1] * 8}x{latents.shape[-2] * 8}"
+        return lambda detail: f"out of device memory decoding {size} frames: lower the resolution (size) [{detail}]"
 
 
 @dataclass

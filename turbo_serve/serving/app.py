@@ -15,7 +15,9 @@ from ray import serve
 from ray.serve import Application
 
 from turbo_kernels.registry import get_attention_backend
+from turbo_serve.pipeline.memory import GIB
 from turbo_serve.serving.deployments import VAE, Denoiser, TextEncoder
+from turbo_serve.serving.gpu import gpu_snapshot
 from turbo_serve.serving.ingress import Ingress
 from turbo_serve.settings import Settings
 
@@ -31,6 +33,22 @@ def check_attention_default(settings: Settings) -> None:
         raise ValueError(f"settings.attention_type: {error}") from None
 
 
+def with_denoiser_memory(settings: Settings) -> Settings:
+    """Settings whose denoiser_memory_gib is filled from the GPU (NVML) on CUDA when not given: its
+    memory times the Denoiser's GPU share, so requests that cannot fit are refused with 422."""
+    if settings.denoiser_memory_gib is not None or not settings.device.startswith("cuda"):
+        return settings
+    gpus = gpu_snapshot()
+    share = min(1.0, settings.deployment_options("Denoiser")["ray_actor_options"]["num_gpus"])
+    if not gpus["available"] or share <= 0:
+        logger.warning("turbo-serve: denoiser_memory_gib unset and no GPU share known here (%s); requests are "
+                       "not checked against the Denoiser's memory up front", gpus.get("reason", f"num_gpus {share}"))  # fmt: skip
+        return settings
+    budget = gpus["devices"][0]["memory_total_bytes"] * share / GIB
+    logger.info("turbo-serve: denoiser_memory_gib = %.1f (GPU 0 x num_gpus %.2f)", budget, share)
+    return settings.model_copy(update={"denoiser_memory_gib": budget})
+
+
 def denoiser_name(model: str) -> str:
     return f"Denoiser-{model}"
 
@@ -38,6 +56,7 @@ def denoiser_name(model: str) -> str:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder (Serve passes the config's `args` dict; env fills the rest)."""
     settings = (args if isinstance(args, Settings) else Settings(**(args or {}))).with_absolute_paths()
+    settings = with_denoiser_memory(settings)
     check_attention_default(settings)
     options = {kind: settings.deployment_options(kind) for kind in settings.deployments}
 

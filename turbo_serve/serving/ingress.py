@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from turbo_serve.api.app import ApiContext, create_app
@@ -44,6 +44,10 @@ class HandleStages:
             raise JobCancelled(str(error)) from None
         except _LOST as error:
             raise WorkerLost(f"the {deployment} replica died or became unreachable ({type(error).__name__})") from None
+        except RayTaskError as error:
+            # The replica's own exception, whose message is its message: the RayTaskError's is the
+            # whole remote traceback, which would end up as the job's error.
+            raise error.cause from error
 
     async def encode_text(self, prompt: str):
         return await self._call("TextEncoder", self._text_encoder.encode.remote(prompt))
