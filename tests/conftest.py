@@ -74,15 +74,15 @@ def make_api(tmp_path):
     from turbo_serve.api.app import ApiContext, create_app
     from turbo_serve.jobs.local_stages import LocalStages
     from turbo_serve.jobs.runner import JobRunner
-    from turbo_serve.jobs.sqlite_store import SqliteJobStore
     from turbo_serve.jobs.storage import Storage
+    from turbo_serve.jobs.store import open_store
     from turbo_serve.settings import Settings
 
     @contextmanager
     def make(run_jobs: bool = True, **overrides):
         settings = Settings(**{"storage_dir": str(tmp_path / "storage"),
                                "cache_dir": str(tmp_path / "cache"), "poll_interval_s": 0.05, **overrides})  # fmt: skip
-        store = SqliteJobStore(tmp_path / "storage" / "jobs.sqlite3")
+        store = open_store(settings.resolved_job_store_url)  # SQLite in the storage folder unless job_store_url
         storage = Storage(settings.storage_dir)
         stages = LocalStages(settings, store, storage) if run_jobs else None
         runner = JobRunner.from_settings(settings, store, stages, storage)

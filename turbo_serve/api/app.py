@@ -154,6 +154,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(title="turbo-serve", version="0.1.0", lifespan=lifespan,
                   description="TurboDiffusion video generation; OpenAI Videos API shape.")  # fmt: skip
     _install_error_handlers(app)
+
+    async def store_unavailable(_: Request, error: Exception) -> JSONResponse:
+        logger.warning("job store unavailable: %s: %s", type(error).__name__, error)
+        return error_response(503, f"the job store is unavailable ({type(error).__name__}); retry later",
+                              code="store_unavailable", headers={"Retry-After": "2"})  # fmt: skip
+
+    for error_type in ctx.store.unavailable:
+        app.add_exception_handler(error_type, store_unavailable)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value())
 

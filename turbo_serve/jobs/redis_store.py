@@ -19,6 +19,8 @@ from turbo_serve.jobs.store import JobStore, Order
 
 
 class RedisJobStore(JobStore):
+    unavailable = (redis.ConnectionError, redis.TimeoutError)  # BusyLoadingError (replaying its log) included
+
     def __init__(self, url: str, *, prefix: str = "turbo_serve"):
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10.0)
         self._prefix = prefix

@@ -106,9 +106,16 @@ class StepReporter:
             self._store.set_progress(self._job_id, self._owner, denoise_progress(done, total))
         except (LeaseLost, KeyError):
             self._lost = True
+        except self._store.unavailable:  # progress is best effort: a store outage must not fail the job
+            logger.warning("job %s: progress not recorded, the job store is unavailable", self._job_id)
 
     def should_stop(self) -> bool:
-        return self._lost or self._store.should_stop(self._job_id, self._owner)
+        if self._lost:
+            return True
+        try:
+            return self._store.should_stop(self._job_id, self._owner)
+        except self._store.unavailable:  # carry on; the owner's lease settles who owns the job
+            return False
 
 
 class JobRunner:
@@ -279,10 +286,38 @@ class JobRunner:
                     waiter.set_result(record)
 
     async def _advance(self, job: JobRecord, state: JobState, **changes) -> JobRecord:
-        after = await asyncio.to_thread(self._store.advance, job.id, self.owner, state, **changes)
+        retried = False
+
+        def advance() -> JobRecord:
+            nonlocal retried
+            try:
+                return self._store.advance(job.id, self.owner, state, **changes)
+            except (LeaseLost, IllegalTransition):
+                current = self._store.get(job.id) if retried else None
+                if current is not None and current.state is state and (state.terminal or current.owner == self.owner):
+                    return current  # the try before the outage had landed; only its answer was lost
+                raise
+            finally:
+                retried = True
+
+        after = await self._while_store_unavailable(advance)
         self._observer.on_transition(job, after)
         self._notify(after)
         return after
+
+    async def _while_store_unavailable(self, write):
+        """write() in a worker thread, retried while the store is unreachable (a Redis restart) for
+        up to one lease: past that the reaper settles the job anyway."""
+        deadline, delay = time.monotonic() + self._lease_s, 0.1
+        while True:
+            try:
+                return await asyncio.to_thread(write)
+            except self._store.unavailable as error:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("job store unavailable (%s: %s); retrying in %.1f s", type(error).__name__, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     # ---- one job ---------------------------------------------------------------------------
     async def _run(self, job: JobRecord) -> None:
@@ -352,8 +387,8 @@ class JobRunner:
 
     async def _give_back(self, job: JobRecord, reason: str) -> None:
         try:
-            after = await asyncio.to_thread(
-                self._store.give_back, job.id, self.owner, max_attempts=self._max_attempts, reason=reason
+            after = await self._while_store_unavailable(
+                lambda: self._store.give_back(job.id, self.owner, max_attempts=self._max_attempts, reason=reason)
             )
         except (LeaseLost, IllegalTransition, KeyError):
             return

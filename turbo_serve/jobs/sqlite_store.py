@@ -36,6 +36,8 @@ _ACTIVE = tuple(s.value for s in ACTIVE_STATES)
 
 
 class SqliteJobStore(JobStore):
+    unavailable = (sqlite3.OperationalError,)  # locked past the busy timeout, disk full, I/O error
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

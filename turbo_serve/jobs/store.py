@@ -34,6 +34,10 @@ WORKER_LOST = "worker_lost"
 class JobStore(abc.ABC):
     """Durable job records shared by every replica of the application."""
 
+    unavailable: tuple[type[Exception], ...] = ()
+    """Errors meaning the store cannot be reached right now (a Redis restart, a locked database):
+    worth retrying later, unlike the errors of the rules (LeaseLost, IllegalTransition, QueueFull)."""
+
     # ---- primitives the backends implement -------------------------------------------------
     @abc.abstractmethod
     def _insert(self, record: JobRecord, max_active: int | None) -> tuple[JobRecord, bool]:
