@@ -225,3 +225,17 @@ def test_a_result_key_pointing_outside_is_never_served(make_api, tmp_path):
                                                                entered_at={**r.entered_at, "completed": time.time()}))  # fmt: skip
             response = client.get(f"/v1/videos/{record.id}/content")
             assert response.status_code == 404 and b"SECRET" not in response.content, (key, response.status_code)
+
+
+def test_deleting_a_video_removes_its_whole_folder(make_api):
+    """Including a partial mp4 a VAE replica killed mid-write left next to the finished one."""
+    with make_api() as (client, context):
+        video_id = client.post("/v1/videos", json={"prompt": "kept briefly", **TINY}).json()["id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/videos/{video_id}").json()["status"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        folder = context.storage.path(video_id)
+        (folder / ".partial-4242-1-t2v_0_tiny-t2v_20260101-000000.mp4").write_bytes(b"half a video")
+        assert client.delete(f"/v1/videos/{video_id}").json()["deleted"] is True
+        assert not folder.exists() and context.storage.root.is_dir()

@@ -280,9 +280,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             deleted = await store_call(ctx.store.delete, video_id)
         except IllegalTransition:  # it was re-queued meanwhile: cancelling is all we can do now
             return VideoDeleted(id=video_id, deleted=False, status=record.state.api_status)
-        for key in (record.result_key, record.spec.image_path):
-            if key:
-                await asyncio.to_thread(ctx.storage.delete, key)
+        await asyncio.to_thread(ctx.storage.delete_job, video_id)
         return VideoDeleted(id=video_id, deleted=deleted is not None, status=record.state.api_status)
 
     @api.get("/videos/{video_id}/content", response_class=FileResponse, summary="Download the mp4",

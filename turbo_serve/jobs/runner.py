@@ -275,9 +275,7 @@ class JobRunner:
             return
         self._last_purge = now
         for record in await asyncio.to_thread(self._store.purge, finished_before=now - self._retention_s):
-            for key in (record.result_key, record.spec.image_path):
-                if key:
-                    await asyncio.to_thread(self._storage.delete, key)
+            await asyncio.to_thread(self._storage.delete_job, record.id)
 
     def _notify(self, record: JobRecord) -> None:
         if record.state.terminal:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -60,6 +61,13 @@ class Storage:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def delete_job(self, job_id: str) -> None:
+        """Everything stored for a job: its folder, including partial files a writer killed mid-file
+        (a VAE replica's process) left behind."""
+        folder = self.path(job_id)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
     def delete(self, key: str) -> None:
         path = self.path(key)
         path.unlink(missing_ok=True)
@@ -71,6 +79,7 @@ class Storage:
 
 
 def input_key(job_id: str, extension: str) -> str:
+    """Keys of a job live in its folder, named after its id (see Storage.delete_job)."""
     return f"{job_id}/input.{extension}"
 
 
