@@ -92,5 +92,5 @@ def test_summary_counts_rates_goodput_and_checks(tmp_path):
     assert not broken["checks"]["no_5xx"] and not broken["checks"]["every_429_has_retry_after"]
 
     png = tmp_path / "report.png"
-    plot(png, jobs, samples, slo_s=10.0, started_at=0.0, arrival_s=60.0, title="unit")
+    plot(png, jobs, samples, slo_s=10.0, started_at=0.0, phases=[("steady", 0.0, 30.0), ("overload", 30.0, 60.0)], title="unit")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

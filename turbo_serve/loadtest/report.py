@@ -125,8 +125,9 @@ def _status_summary(samples: list[dict[str, Any]], started_at: float, arrival_s:
 
 
 def plot(path: Path, jobs: list[dict[str, Any]], samples: list[dict[str, Any]], *, slo_s: float,
-         started_at: float, arrival_s: float, title: str) -> None:  # fmt: skip
-    """Four panels over time: latency, throughput, queue depth, replicas (and GPU use if sampled)."""
+         started_at: float, phases: list[tuple[str, float, float]], title: str) -> None:  # fmt: skip
+    """Four panels over time: latency, throughput, queue depth, replicas (and GPU use if sampled).
+    `phases`: (label, start, end) arrival windows in seconds after `started_at`, shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +136,7 @@ def plot(path: Path, jobs: list[dict[str, Any]], samples: list[dict[str, Any]], 
     fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True, constrained_layout=True)
     fig.suptitle(title)
     t = lambda when: when - started_at  # noqa: E731
-    end = max([arrival_s, *(t(j["finished_at"]) for j in jobs if "finished_at" in j)])
+    end = max([*(stop for _, _, stop in phases), *(t(j["finished_at"]) for j in jobs if "finished_at" in j)])
 
     latency = axes[0]
     for kind in sorted({j["kind"] for j in jobs}):
@@ -150,7 +151,7 @@ def plot(path: Path, jobs: list[dict[str, Any]], samples: list[dict[str, Any]], 
                         color="black", label="not completed")  # fmt: skip
     latency.axhline(slo_s, color="red", linestyle="--", linewidth=1, label=f"SLO {slo_s:g} s")
     latency.set_ylabel("seconds")
-    latency.legend(fontsize="small", loc="upper left")
+    latency.legend(fontsize="small", loc="best")
 
     throughput = axes[1]
     width = max(5.0, end / 30)
@@ -164,14 +165,14 @@ def plot(path: Path, jobs: list[dict[str, Any]], samples: list[dict[str, Any]], 
         counts = [sum(1 for x in times if lo <= x < lo + width) * 60.0 / width for lo in bins[:-1]]
         throughput.step(bins[:-1], counts, where="post", label=label)
     throughput.set_ylabel("jobs / min")
-    throughput.legend(fontsize="small", loc="upper left")
+    throughput.legend(fontsize="small", loc="best")
 
     ok = [s for s in samples if "queue_depth" in s]
     queue = axes[2]
     queue.step([t(s["t"]) for s in ok], [s["queue_depth"] for s in ok], where="post", label="queued")
     queue.step([t(s["t"]) for s in ok], [s["running"] for s in ok], where="post", label="running")
     queue.set_ylabel("jobs")
-    queue.legend(fontsize="small", loc="upper left")
+    queue.legend(fontsize="small", loc="best")
 
     replicas = axes[3]
     for name in sorted({n for s in ok for n in s.get("replicas", {})}):
@@ -179,8 +180,8 @@ def plot(path: Path, jobs: list[dict[str, Any]], samples: list[dict[str, Any]], 
     most = max((n for s in ok for n in s.get("replicas", {}).values()), default=1)
     replicas.set_ylim(-0.3, most + 1)
     replicas.set_ylabel("running replicas")
-    replicas.set_xlabel("seconds since the first arrival window opened")
-    replicas.legend(fontsize="small", loc="upper left")
+    replicas.set_xlabel(f"seconds since {phases[0][0] if phases else 'the start'}")
+    replicas.legend(fontsize="small", loc="best")
     gpu = [s for s in ok if s.get("gpu_util") is not None]
     if gpu:
         util = replicas.twinx()
@@ -188,7 +189,11 @@ def plot(path: Path, jobs: list[dict[str, Any]], samples: list[dict[str, Any]], 
         util.set_ylim(0, 100)
         util.set_ylabel("GPU util %")
     for axis in axes:
-        axis.axvline(arrival_s, color="gray", linestyle=":", linewidth=1)
+        for index, (label, start, stop) in enumerate(phases):
+            axis.axvspan(start, stop, color=f"C{index}", alpha=0.06, linewidth=0)
+            if axis is latency:
+                axis.annotate(label, (start, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                              textcoords="offset points", fontsize="small", color="dimgray")  # fmt: skip
         axis.grid(alpha=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -221,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if jobs:
-        plot(out / "report.png", jobs, sampler.samples, slo_s=slo_s, started_at=started, arrival_s=args.duration,
+        plot(out / "report.png", jobs, sampler.samples, slo_s=slo_s, started_at=started,
+             phases=[(f"{profile.shape.kind} arrivals", 0.0, args.duration)],
              title=f"{profile.name}: {profile.shape.kind} at {rate:g} jobs/min, SLO {slo_s:g} s")  # fmt: skip
     print_summary(summary)
     if process.returncode not in (0, 1):  # locust exits 1 when any request failed (a 429 included)
