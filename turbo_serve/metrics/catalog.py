@@ -208,6 +208,7 @@ RAY_BUILTIN_SERIES: dict[str, str] = {
     "ray_serve_replica_processing_queries": "gauge",
     # Batch sizes @serve.batch actually formed (batching.py), e.g. the text encoder's prompt batches.
     "ray_serve_actual_batch_size_bucket": "histogram",
+    "ray_serve_actual_batch_size_sum": "histogram",
     "ray_serve_actual_batch_size_count": "histogram",
     # HTTP requests through Serve's proxy, by status code (429s included).
     "ray_serve_num_http_requests_total": "counter",
