@@ -75,7 +75,7 @@ def test_jobs_by_state_resets_states_that_emptied(metrics):
 
 
 def test_unknown_enum_values_name_the_valid_ones(metrics):
-    with pytest.raises(ValueError, match="stage must be one of text_encode, image_encode, denoise"):
+    with pytest.raises(ValueError, match="stage must be one of text_encode, negative_encode, image_encode, denoise"):
         metrics.observe_stage("vae", 1.0, LABELS)
     with pytest.raises(ValueError, match="outcome must be one of completed, failed, cancelled"):
         metrics.count_finished("timeout", LABELS)

@@ -28,9 +28,11 @@ latency histograms stop at 10 min, and older Ray at 5 s, so long jobs need bucke
 
 
 class Stage(str, enum.Enum):
-    """Pipeline stages; values equal the keys of the pipeline's GenerationResult.timings."""
+    """Pipeline stages; values equal the stage names of the job runner's and the pipeline's timings."""
 
     TEXT_ENCODE = "text_encode"
+    NEGATIVE_ENCODE = "negative_encode"
+    """Text encode of the negative prompt (teacher samplers with classifier-free guidance)."""
     IMAGE_ENCODE = "image_encode"
     DENOISE = "denoise"
     DECODE = "decode"
