@@ -153,7 +153,7 @@ def ensure_gpu_exporters(settings: GpuExporterSettings | None = None) -> tuple[s
     """Start (or find) the supervisor and reconcile once; returns (file_sd path, node id -> address).
     Idempotent: a second call, from another process too, finds the running supervisor."""
     settings = settings or GpuExporterSettings.from_env()
-    head = exporter_head_node()
+    head = _head_node()
     supervisor = (
         ray.remote(num_cpus=0, max_restarts=-1)(_Supervisor)
         .options(
@@ -169,7 +169,7 @@ def ensure_gpu_exporters(settings: GpuExporterSettings | None = None) -> tuple[s
     return ray.get(supervisor.service_discovery_file.remote()), targets
 
 
-def exporter_head_node() -> str:
+def _head_node() -> str:
     for node in ray.nodes():
         if node["Alive"] and "node:__internal_head__" in node["Resources"]:
             return node["NodeID"]
