@@ -1,7 +1,7 @@
 """Does the GPU exporter agree with nvidia-smi? Both are sampled at the same moments under load.
 
     python bench/gpu_metrics.py                 # on a GPU host: jobs + matmul phases, ~3-4 min
-    python bench/gpu_metrics.py --smoke --out /tmp/x   # CPU host: asserts the no-GPU path, still plots
+    python bench/gpu_metrics.py --smoke --out /tmp/x   # CPU host: tiny jobs, asserts the no-GPU path, plots
 
 Runs the exporter standalone (no Ray), loads one GPU with several pipeline jobs (in-process Pipeline,
 random weights) and then matmul bursts of different intensity and memory size, and every --interval
@@ -196,7 +196,7 @@ class PhaseLog:
         self.phases.append(entry)
 
 
-def run_jobs(args, phase: PhaseLog) -> None:
+def run_jobs(args, device: str, phase: PhaseLog) -> None:
     """Several pipeline jobs in this process (random weights); no new job starts after --jobs-budget-s."""
     import torch
 
@@ -204,11 +204,12 @@ def run_jobs(args, phase: PhaseLog) -> None:
 
     deadline = time.monotonic() + args.jobs_budget_s
     pipeline = None
-    with phase(f"load {args.model}"):
-        from turbo_serve.pipeline.stages import Pipeline, PipelineConfig
+    with tempfile.TemporaryDirectory() as work:
+        with phase(f"load {args.model}"):
+            from turbo_serve.pipeline.stages import Pipeline, PipelineConfig
 
-        pipeline = Pipeline(PipelineConfig(model=args.model, device=f"cuda:{args.gpu}", dtype="bfloat16"))
-    with tempfile.TemporaryDirectory() as out_dir:
+            dtype = "float32" if device == "cpu" else "bfloat16"
+            pipeline = Pipeline(PipelineConfig(model=args.model, device=device, dtype=dtype, cache_dir=work))
         for i in range(args.jobs if pipeline is not None else 0):
             if time.monotonic() > deadline:
                 break
@@ -218,9 +219,10 @@ def run_jobs(args, phase: PhaseLog) -> None:
                 attention_type=args.attention_type,
             )  # fmt: skip
             with phase(f"job {i + 1}") as entry:
-                entry["timings"] = pipeline.generate(spec, None, out_dir).timings
+                entry["timings"] = pipeline.generate(spec, None, work).timings
     del pipeline
-    torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 # Agreement -------------------------------------------------------------------------------------------
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-size", type=int, default=8192)
     args = parser.parse_args(argv)
     name = args.name or ("gpu_metrics_smoke" if args.smoke else "gpu_metrics_h200")
+    if args.smoke:  # two tiny jobs on the CPU: the jobs phase runs here too, just small
+        args.model, args.width, args.height, args.num_frames, args.num_steps, args.jobs = "tiny-t2v", 128, 96, 5, 2, 2
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -357,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         phase = PhaseLog(recorder)
         recorder.start()
-        if args.load in ("both", "jobs") and not args.smoke:
-            run_jobs(args, phase)
+        if args.load in ("both", "jobs"):
+            run_jobs(args, device, phase)
         if args.load in ("both", "matmul"):
             size = 256 if args.smoke else args.matmul_size
             for label, seconds, duty, gib in matmul_phases(args.smoke):

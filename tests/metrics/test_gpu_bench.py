@@ -26,7 +26,10 @@ def test_smoke_run_asserts_the_no_gpu_path_and_still_plots(tmp_path):
     assert "smoke: no-GPU path OK" in result.stdout
     report = json.loads((tmp_path / "gpu_metrics_smoke.json").read_text())
     assert report["meta"]["nvml_error"].startswith("NVMLError")
-    assert [p["name"] for p in report["phases"]] == ["idle", "cpu matmul", "cpu 30% duty"]
+    phases = {p["name"]: p for p in report["phases"]}
+    assert list(phases) == ["load tiny-t2v", "job 1", "job 2", "idle", "cpu matmul", "cpu 30% duty"]
+    assert not any("error" in p for p in report["phases"]), report["errors"]
+    assert set(phases["job 1"]["timings"]) == {"text_encode", "denoise", "decode"}
     assert len(report["samples"]) >= 8 and all(s["exporter"]["turbo_gpu_present"] == 0 for s in report["samples"])
     assert (tmp_path / "gpu_metrics_smoke.png").read_bytes()[:4] == b"\x89PNG"
 
