@@ -2,6 +2,11 @@
 
 Pure torch + Triton: nothing here imports model, pipeline or Ray code. Attention backends register
 themselves in `turbo_kernels.registry`; the DiT selects one per forward by `attention_type`.
+
+- `flash`: the one flash-attention forward kernel (dense, LUT-sparse, INT8 QK, FP8 PV, SLA epilogue)
+- `dense`, `block_sparse`, `sla`, `sage`: the entry points, their references and backends
+- `block_mask`: SLA's pooled top-k block mask (and the passes that also quantise Q / reduce K, V)
+- `quant`: Sage's K/V quantisation; `w8a8`: the int8 linear; `dispatch`: Triton vs reference
 """
 
 from turbo_kernels.registry import (

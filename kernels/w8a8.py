@@ -2,11 +2,23 @@
 128x128 tile at run time, int32 accumulation, dequantized per K tile.
 
 This is the storage format of TurboDiffusion's `-quant` checkpoints (`int8_weight`, `scale`).
+The Triton path is two kernels: `_quantize_tiles_kernel` (one read of x, int8 + one scale per
+tile; bit-identical to `quantize_tiles`) and `_w8a8_matmul_kernel`, which takes each 128-wide K
+step as a fresh int8 x int8 -> int32 dot and adds it into an fp32 accumulator scaled by
+act_scale[m_tile, k_tile] * w_scale[n_tile, k_tile] (the scales change from one K tile to the
+next, so the int32 sums cannot run across tiles), then adds the bias and casts to x's dtype.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
+
+from turbo_kernels.autotune import pick_config
+from turbo_kernels.dispatch import use_triton
 
 TILE = 128
 
@@ -48,8 +60,183 @@ def int8_linear_ref(
     return out.to(x.dtype).reshape(*shape[:-1], int8_weight.shape[0])
 
 
-def int8_linear(
-    x: torch.Tensor, int8_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+@triton.jit
+def _round_half_even(y):
+    """torch.round's rounding (ties to even), exact for |y| < 2**23."""
+    r = tl.floor(y)
+    frac = y - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _quantize_tiles_kernel(X, XQ, Scale, M, K, stride_xm, stride_qm, TILE_SIZE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * TILE_SIZE + tl.arange(0, TILE_SIZE)
+    cols = pid_k * TILE_SIZE + tl.arange(0, TILE_SIZE)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x)) / 127.0, 1e-12)
+    q = tl.clamp(_round_half_even(tl.math.div_rn(x, scale)), -127.0, 127.0)
+    tl.store(XQ + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], q.to(tl.int8), mask=mask)
+    tl.store(Scale + pid_m * tl.num_programs(1) + pid_k, scale)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
+                        M, N, K, stride_am, stride_wn, stride_cm,  #
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,  #
+                        TILE_SIZE: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    # A block inside one 128x128 scale tile needs one scale per K step (a single FMA per element
+    # to dequantise); larger blocks take per-row / per-column scale vectors.
+    SCALAR_SCALES: tl.constexpr = BLOCK_M <= TILE_SIZE and BLOCK_N <= TILE_SIZE
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row blocks share each weight column block while it is in L2.
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, TILE_SIZE)
+    # Out-of-range rows/columns re-read valid memory (wrapped) and are dropped at the store.
+    a_rows = rows % M
+    w_rows = cols % N
+    a_ptrs = A + a_rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = W + w_rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    k_tiles = tl.cdiv(K, TILE_SIZE)
+    if SCALAR_SCALES:
+        a_scale_ptrs = AScale + (pid_m * BLOCK_M // TILE_SIZE) * k_tiles
+        w_scale_ptrs = WScale + (pid_n * BLOCK_N // TILE_SIZE) * k_tiles
+    else:
+        a_scale_ptrs = AScale + (a_rows // TILE_SIZE) * k_tiles
+        w_scale_ptrs = WScale + (w_rows // TILE_SIZE) * k_tiles
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kt in tl.range(0, k_tiles):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = K - kt * TILE_SIZE
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        part = tl.dot(a, tl.trans(w))
+        if SCALAR_SCALES:
+            acc += part.to(tl.float32) * (tl.load(a_scale_ptrs + kt) * tl.load(w_scale_ptrs + kt))
+        else:
+            a_scale = tl.load(a_scale_ptrs + kt)
+            w_scale = tl.load(w_scale_ptrs + kt)
+            acc += part.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+        a_ptrs += TILE_SIZE
+        w_ptrs += TILE_SIZE
+    if HAS_BIAS:
+        acc += tl.load(Bias + w_rows).to(tl.float32)[None, :]
+    tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch parameters of `_w8a8_matmul_kernel` (the K step is always one 128-wide tile)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    group_m: int = 8
+
+    def describe(self) -> str:
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}/g{self.group_m}"
+
+
+GEMM_CONFIGS = [
+    GemmConfig(128, 128, 8, 3),
+    GemmConfig(128, 256, 8, 3),
+    GemmConfig(128, 128, 8, 4),
+    GemmConfig(256, 128, 8, 3),
+]
+"""Autotune candidates; block_m and block_n stay multiples of the 128 tile or divide it."""
+
+
+def quantize_tiles_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_tiles` in one Triton pass over a 2-D x (rows may be strided)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_tiles_triton needs a 2-D tensor with unit column stride, got {tuple(x.shape)}")
+    rows, cols = x.shape
+    q = torch.empty(rows, cols, device=x.device, dtype=torch.int8)
+    scale = torch.empty(triton.cdiv(rows, TILE), triton.cdiv(cols, TILE), device=x.device, dtype=torch.float32)
+    _quantize_tiles_kernel[scale.shape](x, q, scale, rows, cols, x.stride(0), q.stride(0), TILE_SIZE=TILE, num_warps=8)
+    return q, scale
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8_weight [out, in], fp32 scale per 128x128 tile) of a float weight, TurboDiffusion's format."""
+    if use_triton(w):
+        return quantize_tiles_triton(w.contiguous())
+    return quantize_tiles(w)
+
+
+def w8a8_matmul(
+    x_int8: torch.Tensor,
+    x_scale: torch.Tensor,
+    int8_weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
-    """W8A8 linear, (..., in) -> (..., out) in x's dtype; the entry point model code calls."""
-    return int8_linear_ref(x, int8_weight, scale, bias)
+    """(M, K) int8 activations x (N, K) int8 weight -> (M, N) out_dtype, both dequantised per tile."""
+    M, K = x_int8.shape
+    N = int8_weight.shape[0]
+    if int8_weight.shape[1] != K or int8_weight.stride(1) != 1 or x_int8.stride(1) != 1:
+        raise ValueError(f"int8 operands must be row-major (M, K) x (N, K), got {tuple(x_int8.shape)} x "
+                         f"{tuple(int8_weight.shape)}")
+    tiles_k = triton.cdiv(K, TILE)
+    if tuple(scale.shape) != (triton.cdiv(N, TILE), tiles_k) or tuple(x_scale.shape) != (triton.cdiv(M, TILE), tiles_k):
+        raise ValueError(f"scales must have one entry per 128x128 tile, got {tuple(x_scale.shape)}, {tuple(scale.shape)}")
+    out = torch.empty(M, N, device=x_int8.device, dtype=out_dtype)
+    scale = scale.float().contiguous()
+
+    def run(cfg: GemmConfig) -> torch.Tensor:
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        _w8a8_matmul_kernel[grid](
+            x_int8, int8_weight, out, x_scale, scale, bias if bias is not None else scale,  #
+            M, N, K, x_int8.stride(0), int8_weight.stride(0), out.stride(0),  #
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, TILE_SIZE=TILE,  #
+            EVEN_K=K % TILE == 0, HAS_BIAS=bias is not None,  #
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+
+    if config is None:
+        key = ("w8a8", 1 << max(0, (M - 1).bit_length()), N, K, out_dtype, x_int8.device.type)
+        config = pick_config(key, GEMM_CONFIGS, run)
+    return run(config)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    int8_weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """W8A8 linear, (..., in) -> (..., out) in x's dtype; the entry point model code calls.
+
+    Triton (quantise x per tile, then the int8 GEMM) for CUDA tensors or under the interpreter,
+    `int8_linear_ref` otherwise.
+    """
+    if not use_triton(x, int8_weight):
+        return int8_linear_ref(x, int8_weight, scale, bias)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    xq, xs = quantize_tiles_triton(x2)
+    out = w8a8_matmul(xq, xs, int8_weight, scale, bias, x.dtype, config)
+    return out.reshape(*shape[:-1], int8_weight.shape[0])

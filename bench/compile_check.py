@@ -1,0 +1,200 @@
+"""Compile every Triton kernel variant the benchmarks launch for a GPU target, without a GPU.
+
+Triton ships ptxas and cuobjdump, so the full pipeline (TTIR -> TTGIR -> PTX -> cubin) runs on a
+CPU-only machine. For each variant this reports registers per thread, local-memory spills,
+shared memory, the tensor-core instructions used (wgmma on sm90) and whether the loads were
+pipelined (cp.async / TMA), which is what can be checked before GPU time is spent.
+
+    python bench/compile_check.py                 # sm90 (H100/H200), writes bench/results/compile_sm90.json
+    python bench/compile_check.py --arch 100 --only flash
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_checkout import ensure_turbo_kernels  # noqa: E402
+
+ensure_turbo_kernels()
+from turbo_kernels.block_mask import _pool_keys_kernel, _pool_queries_kernel  # noqa: E402
+from turbo_kernels.flash import _flash_fwd  # noqa: E402
+from turbo_kernels.quant import _quantize_keys_kernel  # noqa: E402
+from turbo_kernels.w8a8 import _quantize_tiles_kernel, _w8a8_matmul_kernel  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 89: 101376}
+"""Opt-in shared memory per block (bytes)."""
+
+
+@dataclass
+class Variant:
+    name: str
+    fn: object
+    pointers: dict[str, str]
+    """Pointer argument -> Triton element type ("bf16", "i8", ...)."""
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    floats: tuple[str, ...] = ()
+    report: dict = field(default_factory=dict)
+
+
+def _signature(v: Variant) -> tuple[dict, dict, dict]:
+    sig, attrs = {}, {}
+    for i, name in enumerate(v.fn.arg_names):
+        if name in v.constexprs:
+            sig[name] = "constexpr"
+        elif name in v.pointers:
+            sig[name] = "*" + v.pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in v.floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, dict(v.constexprs), attrs
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    sig, const, attrs = _signature(v)
+    kernel = triton.compile(
+        ASTSource(v.fn, sig, const, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+    )
+    ptx = kernel.asm["ptx"]
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    mma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(\S+?)[;\s]|mma\.sync\.aligned\.(\S+?)[;\s]", ptx)))
+    mma = sorted({a or b for a, b in mma})
+    shared = kernel.metadata.shared
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(local.group(1)) if local else None,
+        "shared_bytes": shared,
+        "fits_shared": shared <= SMEM_LIMIT.get(arch, 232448),
+        "mma": mma,
+        "cp_async": "cp.async" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+    }
+
+
+def _flash(name, bm, bn, warps, stages, *, dense=False, int8=False, fp8=False, linear=False, unselected=False,
+           tma=False, lut_block_m=None, dim=128) -> Variant:
+    act = "bf16"
+    qk = "i8" if int8 else act
+    pointers = {"Q": qk, "K": qk, "V": "fp8e4nv" if fp8 else act, "Out": act, "QScale": "fp32", "KScale": "fp32",
+                "VScale": "fp32", "Lut": "i32", "QRaw": act, "LinS": act, "LinZ": "fp32", "ProjW": act,
+                "ProjB": "fp32", "PhiK": act}
+    const = dict(HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, LUT_BLOCK_M=lut_block_m or bm, DENSE=dense, EVEN_N=False,
+                 QK_INT8=int8, PV_FP8=fp8, LINEAR=linear, LINEAR_UNSELECTED=unselected, USE_TMA=tma)
+    return Variant(name, _flash_fwd, pointers, const, warps, stages, floats=("lin_eps", "inv_len", "qk_scale"))
+
+
+def variants() -> list[Variant]:
+    from turbo_kernels.block_sparse import SPARSE_CONFIGS
+    from turbo_kernels.dense import DENSE_CONFIGS
+    from turbo_kernels.sage import SAGE_DENSE_CONFIGS
+    from turbo_kernels.w8a8 import GEMM_CONFIGS
+
+    out = []
+    for c in DENSE_CONFIGS:
+        out.append(_flash(f"dense {c.describe()}", c.block_m, c.block_n, c.num_warps, c.num_stages, dense=True))
+        out.append(_flash(f"dense {c.describe()}+tma", c.block_m, c.block_n, c.num_warps, c.num_stages, dense=True,
+                          tma=True))
+    for (blkq, blkk), configs in SPARSE_CONFIGS.items():
+        for c in configs:
+            tag = f"{blkq}x{blkk} {c.describe()}"
+            out.append(_flash(f"sparse {tag}", c.block_m, c.block_n, c.num_warps, c.num_stages, lut_block_m=blkq))
+            out.append(_flash(f"sparse {tag}+tma", c.block_m, c.block_n, c.num_warps, c.num_stages,
+                              lut_block_m=blkq, tma=True))
+            out.append(_flash(f"sla {tag}", c.block_m, c.block_n, c.num_warps, c.num_stages, lut_block_m=blkq,
+                              linear=True))
+            if c.block_m == blkq:
+                for fp8 in (False, True):
+                    pv = "fp8" if fp8 else "bf16"
+                    out.append(_flash(f"sagesla/{pv} {tag}", c.block_m, c.block_n, c.num_warps, c.num_stages,
+                                      int8=True, fp8=fp8, linear=True))
+                    out.append(_flash(f"sagesla/{pv} {tag}+tma", c.block_m, c.block_n, c.num_warps, c.num_stages,
+                                      int8=True, fp8=fp8, linear=True, tma=True))
+        c = configs[0]
+        out.append(_flash(f"sla-unselected {blkq}x{blkk} {c.describe()}", c.block_m, c.block_n, c.num_warps,
+                          c.num_stages, lut_block_m=blkq, linear=True, unselected=True))
+    for c in SAGE_DENSE_CONFIGS:
+        for fp8 in (False, True):
+            pv = "fp8" if fp8 else "bf16"
+            out.append(_flash(f"sage/{pv} {c.describe()}", c.block_m, c.block_n, c.num_warps, c.num_stages,
+                              dense=True, int8=True, fp8=fp8))
+    for block in (64, 128):
+        out.append(Variant(f"pool_queries+int8 {block}", _pool_queries_kernel,
+                           {"Q": "bf16", "Pooled": "fp32", "QInt8": "i8", "QScale": "fp32"},
+                           dict(BLOCK=block, HEAD_DIM=128, QUANTIZE=True), 8 if block == 128 else 4, 3,
+                           floats=("quant_scale",)))
+        out.append(Variant(f"pool_keys+linear {block}", _pool_keys_kernel,
+                           {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "SPart": "fp32", "ZPart": "fp32",
+                            "VAmaxPart": "fp32", "PhiK": "bf16"},
+                           dict(BLOCK=block, HEAD_DIM=128, LINEAR=True, PHI_OUT=False, V_AMAX=True), 8, 3))
+        out.append(Variant(f"quantize_keys+fp8v {block}", _quantize_keys_kernel,
+                           {"K": "bf16", "KMean": "fp32", "KInt8": "i8", "KScale": "fp32", "V": "bf16",
+                            "VScale": "fp32", "VT8": "fp8e4nv"},
+                           dict(BLOCK=block, HEAD_DIM=128, V_FP8=True), 4, 3))
+    out.append(Variant("quantize_tiles", _quantize_tiles_kernel, {"X": "bf16", "XQ": "i8", "Scale": "fp32"},
+                       dict(TILE_SIZE=128), 8, 3))
+    for c in GEMM_CONFIGS:
+        out.append(Variant(f"w8a8 {c.describe()}", _w8a8_matmul_kernel,
+                           {"A": "i8", "W": "i8", "C": "bf16", "AScale": "fp32", "WScale": "fp32", "Bias": "bf16"},
+                           dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, TILE_SIZE=128,
+                                EVEN_K=True, HAS_BIAS=True), c.num_warps, c.num_stages))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    parser.add_argument("--only", default="", help="substring filter on variant names")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    for v in variants():
+        if args.only and args.only not in v.name:
+            continue
+        try:
+            report = compile_variant(v, args.arch)
+        except Exception as error:  # noqa: BLE001 - one failing variant must not hide the others
+            report = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        rows.append({"variant": v.name, "num_warps": v.num_warps, "num_stages": v.num_stages, **report})
+        r = rows[-1]
+        if "error" in r:
+            print(f"{v.name:45s} ERROR {r['error']}", flush=True)
+        else:
+            print(f"{v.name:45s} regs {r['registers']:>3} spill {r['spill_bytes']:>4} smem {r['shared_bytes']:>6}"
+                  f"{'' if r['fits_shared'] else ' (TOO BIG)'} mma {' '.join(r['mma'])}"
+                  f"{' tma' if r['tma'] else ''}{' cp.async' if r['cp_async'] else ''}", flush=True)
+    out = args.out or RESULTS / f"compile_sm{args.arch}.json"
+    if not args.only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "command": " ".join(sys.argv),
+                                   "variants": rows}, indent=1))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Top-k block-sparse attention: exact softmax over the key blocks a LUT names, nothing else.
+
+The kernel is `turbo_kernels.flash._flash_fwd` walking the LUT (the dense kernel's inner loop with
+the block index read from the table). With every block in the LUT it performs the dense kernel's
+exact sequence of operations, so topk = 1.0 reproduces dense attention bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from turbo_kernels.autotune import length_bucket, pick_config
+from turbo_kernels.dispatch import use_triton
+from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash
+
+SPARSE_CONFIGS: dict[tuple[int, int], list[FlashConfig]] = {
+    (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 5)],
+    (64, 128): [FlashConfig(64, 128, 4, 3), FlashConfig(64, 128, 4, 5), FlashConfig(64, 128, 8, 3)],
+}
+"""Autotune candidates per LUT geometry (blkq, blkk); block_n is always blkk. The LUT read takes
+one pipeline stage of its own, so num_stages 3 prefetches K/V one block ahead and 5 two blocks
+ahead (4 and 6 compile to the same schedules on sm90: see bench/compile_check.py)."""
+
+
+def check_lut(lut: torch.Tensor, q: torch.Tensor, blkq: int, blkk: int) -> None:
+    B, L, H, _ = q.shape
+    rows, nk = triton.cdiv(L, blkq), triton.cdiv(L, blkk)
+    if lut.dim() != 4 or tuple(lut.shape[:3]) != (B, H, rows) or not 1 <= lut.shape[3] <= nk:
+        raise ValueError(f"LUT must be (B, H, {rows}, 1..{nk}) for L={L}, blocks {blkq}x{blkk}; got {tuple(lut.shape)}")
+
+
+def block_sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    blkq: int,
+    blkk: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact masked attention in fp32 over the LUT's key blocks; q's dtype out.
+
+    Gathers each query block's selected K/V blocks (one head at a time), so memory stays at the
+    sparse size even at Wan lengths.
+    """
+    B, L, H, D = q.shape
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    mq, nk, topk = triton.cdiv(L, blkq), triton.cdiv(L, blkk), lut.shape[-1]
+    qp = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, mq * blkq - L)).view(B, mq, blkq, H, D)
+    kp = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, nk * blkk - L)).view(B, nk, blkk, H, D)
+    vp = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, nk * blkk - L)).view(B, nk, blkk, H, D)
+    key_valid = (torch.arange(nk * blkk, device=q.device) < L).view(nk, blkk)
+    out = torch.empty(B, mq, blkq, H, D, device=q.device, dtype=torch.float32)
+    for b in range(B):
+        for h in range(H):
+            idx = lut[b, h].long()
+            kg = kp[b, :, :, h][idx].reshape(mq, topk * blkk, D)
+            vg = vp[b, :, :, h][idx].reshape(mq, topk * blkk, D)
+            scores = (qp[b, :, :, h] @ kg.transpose(1, 2)) * sm_scale
+            scores = scores.masked_fill(~key_valid[idx].reshape(mq, 1, topk * blkk), float("-inf"))
+            out[b, :, :, h] = torch.softmax(scores, dim=-1) @ vg
+    return out.view(B, mq * blkq, H, D)[:, :L].to(q.dtype)
+
+
+def sparse_configs(blkq: int, blkk: int) -> list[FlashConfig]:
+    try:
+        return SPARSE_CONFIGS[(blkq, blkk)]
+    except KeyError:
+        raise ValueError(f"block geometry {(blkq, blkk)} not supported; valid: {list(SPARSE_CONFIGS)}") from None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    *,
+    blkq: int = 128,
+    blkk: int = 64,
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+) -> torch.Tensor:
+    """Softmax attention restricted to the LUT's blocks; (B, L, H, D) in and out.
+
+    lut: int32 (B, H, ceil(L/blkq), topk), ascending (from `turbo_kernels.block_mask`).
+    ``config`` (block_n must equal blkk, block_m must divide blkq) skips the autotuner.
+    """
+    check_qkv(q, k, v)
+    check_lut(lut, q, blkq, blkk)
+    if not use_triton(q, k, v, lut):
+        return block_sparse_attention_ref(q, k, v, lut, blkq, blkk, scale)
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+    def run(cfg: FlashConfig) -> torch.Tensor:
+        return launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq)
+
+    if config is None:
+        key = ("sparse", blkq, blkk, length_bucket(q.shape[1]), q.shape[-1], q.dtype, q.device.type)
+        config = pick_config(key, sparse_configs(blkq, blkk), run)
+    if config.block_n != blkk:
+        raise ValueError(f"config block_n {config.block_n} must equal the LUT's key block {blkk}")
+    return run(config)

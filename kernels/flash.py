@@ -1,0 +1,414 @@
+"""The flash-attention forward kernel that every Triton attention backend here launches.
+
+One kernel, specialised at compile time, so dense, block-sparse, SLA and Sage attention share one
+inner loop (and one place to tune it):
+
+- ``DENSE``: walk every key block; otherwise walk the block LUT (B*H, query blocks, topk), int32,
+  sorted ascending, so K/V reads move forward through memory and the ragged last key block, when
+  selected, is always the LUT's last entry: the loop runs unmasked and only that block is masked.
+- ``QK_INT8`` (Sage): Q and K arrive as int8 with one fp32 scale per block; Q already carries
+  sm_scale*log2(e), so the int32 dot times q_scale*k_scale is the log2-domain logit.
+- ``PV_FP8``: V arrives as float8 e4m3, pre-transposed to (B, H, D, L_pad) with one scale per
+  channel (the Hopper FP8 MMA wants V K-major). Every block's P@V is a fresh ``tl.dot`` scaled
+  into the fp32 accumulator (two-level accumulation: the FP8 MMA accumulator has only ~22 bits).
+- ``LINEAR`` (SLA): the epilogue adds proj_l(phi(q) S / (phi(q) z)), with S = phi(K)^T V and
+  z = sum phi(k) precomputed per head, phi = softmax over head_dim. ``LINEAR_UNSELECTED`` is the
+  paper's variant: the loop also accumulates phi(q) phi(K_j)^T V_j of the selected blocks, which
+  the epilogue subtracts, so the linear branch covers only the blocks the sparse branch skipped.
+- ``USE_TMA``: K/V/Q/O through on-device tensor descriptors (Hopper TMA) instead of pointers.
+
+Inputs are (B, L, H, D) views with unit stride on D (Wan's native layout; no transposing copies).
+Softmax runs in exp2 with fp32 statistics and accumulator; the grid is (query blocks, B*H), so
+neighbouring programs share a head and its K/V stays in L2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from turbo_kernels.dispatch import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class FlashConfig:
+    """Launch parameters of `_flash_fwd`; sparse kernels take block_n from the LUT geometry."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    use_tma: bool = False
+
+    def describe(self) -> str:
+        tma = "+tma" if self.use_tma else ""
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tma}"
+
+
+@triton.jit
+def _load_rows(base, desc, row0, n_rows, stride_row, offs_r, offs_d, MASK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Tile of rows row0 + offs_r (all columns offs_d); rows at or past n_rows read as zero."""
+    if USE_TMA:
+        tile = desc.load([row0, 0])
+    else:
+        ptrs = base + row0.to(tl.int64) * stride_row + offs_r[:, None] * stride_row + offs_d[None, :]
+        if MASK:
+            tile = tl.load(ptrs, mask=(row0 + offs_r)[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _softmax_rows(x):
+    """Row softmax in fp32 (the SLA feature map phi, over head_dim)."""
+    x = x.to(tl.float32)
+    e = tl.math.exp2((x - tl.max(x, 1)[:, None]) * 1.4426950408889634)
+    return e / tl.sum(e, 1)[:, None]
+
+
+@triton.jit
+def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
+                  k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
+                  kb, L, stride_kl, stride_vl,  #
+                  offs_n, offs_d,  #
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QK_INT8: tl.constexpr,  #
+                  PV_FP8: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr, USE_TMA: tl.constexpr):
+    """One online-softmax step over key block ``kb`` (MASK: the ragged last block)."""
+    start_n = kb * BLOCK_N
+    k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA)
+    qk = tl.dot(q, tl.trans(k))
+    if QK_INT8:
+        qk = qk.to(tl.float32)
+        scale = scale_q * tl.load(KScale + kb)
+    else:
+        scale = scale_q
+    if MASK:
+        qk = tl.where((start_n + offs_n)[None, :] < L, qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * scale)
+    p = tl.math.exp2(qk * scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        # V^T tile (D, BLOCK_N); L_pad is a multiple of BLOCK_N and zero-padded, so never masked.
+        if USE_TMA:
+            vt = desc_v.load([0, start_n])
+        else:
+            vt = tl.load(v_base + offs_d[:, None] * stride_vl + (start_n + offs_n)[None, :])
+        # P (<= 1) times 448 uses e4m3's whole range; scaling the fresh dot back keeps Triton from
+        # folding it into the fp32 accumulator (two-level accumulation).
+        acc += tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt)) * (1.0 / 448.0)
+    else:
+        v = _load_rows(v_base, desc_v, start_n, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        if LINEAR_UNSELECTED:
+            phik = tl.load(phik_base + (start_n + offs_n)[:, None] * HEAD_DIM + offs_d[None, :],
+                           mask=(start_n + offs_n)[:, None] < L, other=0.0)
+            a = tl.dot(phi_q, tl.trans(phik))
+            lin_den += tl.sum(a, 1)
+            lin_acc = tl.dot(a.to(v.dtype), v, lin_acc)
+    return acc, l_i, m_ij, lin_acc, lin_den
+
+
+# Shape scalars are not specialised (divisible-by-16 or ==1), so 480p and 720p share binaries.
+@triton.jit(do_not_specialize=["topk", "lut_rows", "H", "L", "num_kblocks"])
+def _flash_fwd(Q, K, V, Out,  #
+               stride_qb, stride_ql, stride_qh,  #
+               stride_kb, stride_kl, stride_kh,  #
+               stride_vb, stride_vl, stride_vh,  #
+               stride_ob, stride_ol, stride_oh,  #
+               QScale, KScale, VScale,  #
+               Lut, topk, lut_rows,  #
+               QRaw, stride_rb, stride_rl, stride_rh,  #
+               LinS, LinZ, ProjW, ProjB, PhiK, lin_eps, inv_len,  #
+               H, L, num_kblocks, qk_scale,  #
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+               LUT_BLOCK_M: tl.constexpr, DENSE: tl.constexpr, EVEN_N: tl.constexpr,  #
+               QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,  #
+               LINEAR: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr, USE_TMA: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    start_m = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    if USE_TMA:
+        desc_q = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[stride_ql, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        desc_k = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[stride_kl, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        if PV_FP8:
+            desc_v = tl.make_tensor_descriptor(v_base, shape=[HEAD_DIM, num_kblocks * BLOCK_N],
+                                               strides=[stride_vl, 1], block_shape=[HEAD_DIM, BLOCK_N])
+        else:
+            desc_v = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[stride_vl, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+        desc_o = tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[stride_ol, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+    else:
+        desc_q = Q
+        desc_k = K
+        desc_v = V
+        desc_o = Out
+
+    q = _load_rows(q_base, desc_q, start_m, L, stride_ql, offs_m, offs_d, True, USE_TMA)
+    if QK_INT8:
+        scale_q = tl.load(QScale + pid_bh * tl.num_programs(0) + pid_m)
+    else:
+        scale_q = qk_scale
+    KScale += pid_bh * num_kblocks
+    phik_base = PhiK
+    phi_q = q
+    if LINEAR:
+        raw_base = QRaw + off_b * stride_rb + off_h * stride_rh
+        if LINEAR_UNSELECTED:
+            phik_base = PhiK + pid_bh.to(tl.int64) * L * HEAD_DIM
+            phi_q = _softmax_rows(_load_rows(raw_base, QRaw, start_m, L, stride_rl, offs_m, offs_d, True, False))
+            phi_q = phi_q.to(QRaw.dtype.element_ty)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lin_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lin_den = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # n_full blocks run unmasked; the ragged last key block, when visited, runs masked after them.
+    if DENSE:
+        n_blocks = num_kblocks
+        n_full = num_kblocks
+        if not EVEN_N:
+            n_full -= 1
+    else:
+        lut_row = Lut + (pid_bh.to(tl.int64) * lut_rows + start_m // LUT_BLOCK_M) * topk
+        n_blocks = topk
+        n_full = topk
+        if not EVEN_N:
+            n_full -= (tl.load(lut_row + topk - 1) == num_kblocks - 1).to(tl.int32)
+
+    for i in tl.range(0, n_full):
+        if DENSE:
+            kb = i
+        else:
+            kb = tl.load(lut_row + i)
+        acc, l_i, m_i, lin_acc, lin_den = _attend_block(
+            acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
+            k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
+            kb, L, stride_kl, stride_vl, offs_n, offs_d,  #
+            HEAD_DIM, BLOCK_N, False, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA)
+    if not EVEN_N:
+        if n_full < n_blocks:
+            acc, l_i, m_i, lin_acc, lin_den = _attend_block(
+                acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
+                k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
+                num_kblocks - 1, L, stride_kl, stride_vl, offs_n, offs_d,  #
+                HEAD_DIM, BLOCK_N, True, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA)
+
+    if PV_FP8:
+        acc = acc * tl.load(VScale + pid_bh * HEAD_DIM + offs_d)[None, :]
+    acc = acc / l_i[:, None]
+    if LINEAR:
+        if QK_INT8:
+            q_raw = _load_rows(raw_base, QRaw, start_m, L, stride_rl, offs_m, offs_d, True, False)
+        else:
+            q_raw = q
+        phi = _softmax_rows(q_raw)
+        s = tl.load(LinS + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        z = tl.load(LinZ + pid_bh * HEAD_DIM + offs_d)
+        num = tl.dot(phi.to(s.dtype), s)
+        den = tl.sum(phi * z[None, :], 1)
+        if LINEAR_UNSELECTED:
+            num -= lin_acc * inv_len
+            den -= lin_den * inv_len
+        o_lin = num / (den + lin_eps)[:, None]
+        w_t = tl.load(ProjW + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        acc = tl.dot(o_lin.to(w_t.dtype), w_t, acc) + tl.load(ProjB + offs_d)[None, :]
+
+    out = acc.to(Out.dtype.element_ty)
+    if USE_TMA:
+        desc_o.store([start_m, 0], out)
+    else:
+        rows = start_m + offs_m
+        tl.store(o_base + rows.to(tl.int64)[:, None] * stride_ol + offs_d[None, :], out, mask=rows[:, None] < L)
+
+
+@dataclass
+class LinearBranch:
+    """SLA's linear-attention state for the epilogue, one entry per (batch, head).
+
+    S and z are averaged over the L tokens (not summed): the ratio phi(q) S / phi(q) z is the same,
+    S stays inside float16 range, and `eps` is divided by L so the result equals TurboDiffusion's
+    phi(q) S / (phi(q) z + 1e-5) exactly.
+    """
+
+    kv_state: torch.Tensor
+    """(B, H, D, D) in the attention dtype: mean over tokens of phi(k)^T v."""
+    k_state: torch.Tensor
+    """(B, H, D) fp32: mean over tokens of phi(k)."""
+    proj_weight_t: torch.Tensor
+    """(D_in, D_out) in the attention dtype: proj_l.weight transposed."""
+    proj_bias: torch.Tensor
+    """(D,) fp32 (zeros when proj_l has no bias)."""
+    eps: float
+    phi_k: torch.Tensor | None = None
+    """(B, H, L, D) phi(K) in the attention dtype, only for the paper's variant (linear over the
+    blocks the sparse branch did not take)."""
+
+
+@dataclass
+class QuantizedQK:
+    """Sage inputs: int8 Q/K in (B, H, L, D), per-block fp32 scales, optional FP8 V^T."""
+
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    """(B, H, query blocks); Q was multiplied by sm_scale*log2(e) before quantising."""
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    """(B, H, key blocks); K was smoothed by its token mean before quantising."""
+    v_fp8_t: torch.Tensor | None = None
+    """(B, H, D, L_pad) float8_e4m3fn, L_pad = key blocks * block_n, zero padded."""
+    v_scale: torch.Tensor | None = None
+    """(B, H, D) fp32 per-channel scale of v_fp8_t."""
+
+
+def _strides_bld(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a (B, L, H, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _strides_bhld(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a (B, H, L, D) tensor."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases, unit inner stride and 16-byte multiple outer strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator() -> None:
+    """On-device tensor descriptors need a scratch allocator (set once, CUDA only)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET and not interpreting():
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def tma_default() -> bool:
+    """TURBO_KERNELS_TMA=1 turns TMA descriptors on for every launch (Hopper+); the default is the
+    plain-pointer path."""
+    return os.environ.get("TURBO_KERNELS_TMA", "0") == "1"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Host-side contract of every attention entry point: (B, L, H, D) with D in {64, 128}."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be (B, L, H, D) of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"head_dim must be 64 or 128, got {q.shape[-1]}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k, v need unit stride on head_dim")
+
+
+def launch_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: FlashConfig,
+    *,
+    sm_scale: float,
+    lut: torch.Tensor | None = None,
+    lut_block_m: int | None = None,
+    quant: QuantizedQK | None = None,
+    linear: LinearBranch | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run `_flash_fwd`; q, k, v are (B, L, H, D) views, the output is a new (B, L, H, D) tensor.
+
+    lut: (B, H, query blocks of lut_block_m rows, topk) int32, sorted ascending, key blocks of
+    config.block_n tokens; None means dense. quant: Sage's int8 Q/K (and FP8 V) replace q/k(/v)
+    as kernel operands. linear: SLA's epilogue.
+    """
+    B, L, H, D = q.shape
+    bm, bn = config.block_m, config.block_n
+    num_kblocks = triton.cdiv(L, bn)
+    out = torch.empty_like(q) if out is None else out
+    qk_scale = sm_scale * LOG2E
+    dense = lut is None
+    if dense:
+        lut_t, topk, lut_rows, lut_block_m = q, 1, 1, bm
+    else:
+        lut_block_m = lut_block_m or bm
+        if lut_block_m % bm:
+            raise ValueError(f"block_m {bm} must divide the LUT's query block {lut_block_m}")
+        lut_t, topk, lut_rows = lut, lut.shape[-1], lut.shape[-2]
+        if lut.dtype != torch.int32 or not lut.is_contiguous() or lut_rows != triton.cdiv(L, lut_block_m):
+            raise ValueError(f"LUT must be contiguous int32 (B, H, {triton.cdiv(L, lut_block_m)}, topk), "
+                             f"got {lut.dtype} {tuple(lut.shape)}")
+
+    q_op, k_op, v_op = q, k, v
+    q_strides, k_strides, v_strides = _strides_bld(q), _strides_bld(k), _strides_bld(v)
+    q_scale = k_scale = v_scale = q
+    pv_fp8 = False
+    if quant is not None:
+        q_op, k_op = quant.q, quant.k
+        q_strides, k_strides = _strides_bhld(quant.q), _strides_bhld(quant.k)
+        q_scale, k_scale = quant.q_scale, quant.k_scale
+        if quant.v_fp8_t is not None:
+            pv_fp8 = True
+            v_op, v_scale = quant.v_fp8_t, quant.v_scale
+            # (B, H, D, L_pad): batch, per-channel row, head strides.
+            v_strides = (v_op.stride(0), v_op.stride(2), v_op.stride(1))
+    raw_strides = _strides_bld(q)
+    if linear is not None:
+        lin = (linear.kv_state, linear.k_state, linear.proj_weight_t, linear.proj_bias,
+               linear.phi_k if linear.phi_k is not None else q, linear.eps, 1.0 / L)
+    else:
+        lin = (q, q, q, q, q, 0.0, 1.0)
+    if linear is not None and linear.phi_k is not None and pv_fp8:
+        raise ValueError("the paper's SLA variant (linear over unselected blocks) needs bf16/fp16 PV, not FP8")
+
+    use_tma = (config.use_tma or tma_default()) and _tma_ready(q_op, k_op, v_op, out)
+    if use_tma:
+        _ensure_tma_allocator()
+    grid = (triton.cdiv(L, bm), B * H)
+    _flash_fwd[grid](
+        q_op, k_op, v_op, out,  #
+        *q_strides, *k_strides, *v_strides, *_strides_bld(out),  #
+        q_scale, k_scale, v_scale,  #
+        lut_t, topk, lut_rows,  #
+        q, *raw_strides,  #
+        *lin,  #
+        H, L, num_kblocks, qk_scale,  #
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, LUT_BLOCK_M=lut_block_m,  #
+        DENSE=dense, EVEN_N=L % bn == 0, QK_INT8=quant is not None, PV_FP8=pv_fp8,  #
+        LINEAR=linear is not None, LINEAR_UNSELECTED=linear is not None and linear.phi_k is not None,  #
+        USE_TMA=use_tma,  #
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

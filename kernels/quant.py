@@ -1,0 +1,111 @@
+"""SageAttention's operand quantisation: INT8 K smoothed by its token mean, FP8 V^T.
+
+Q is quantised inside the mask's pooling pass (`turbo_kernels.block_mask.pool_queries`), since
+that pass reads Q anyway and Q needs nothing global. K needs its token mean first (K - mean(K)
+leaves softmax unchanged and removes K's channel outliers), which the pooling pass over K
+produces, so K is quantised by this second, light pass, which also writes V as pre-transposed
+per-channel FP8 when the FP8 PV path is on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from turbo_kernels.block_mask import round_half_away
+from turbo_kernels.flash import LOG2E, QuantizedQK
+
+FP8_MAX = 448.0
+"""Largest finite float8 e4m3fn value; V channels are scaled onto [-448, 448]."""
+
+
+@triton.jit(do_not_specialize=["H", "L", "l_pad"])
+def _quantize_keys_kernel(K, KMean, KInt8, KScale, V, VScale, VT8,  #
+                          stride_kb, stride_kl, stride_kh,  #
+                          stride_vb, stride_vl, stride_vh,  #
+                          H, L, l_pad,  #
+                          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, V_FP8: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = rows[:, None] < L
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
+                mask=valid, other=0.0)
+    k = tl.where(valid, k.to(tl.float32) - tl.load(KMean + pid_bh * HEAD_DIM + offs_d)[None, :], 0.0)
+    scale = tl.maximum(tl.max(tl.abs(k)) / 127.0, 1e-20)
+    tl.store(KInt8 + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+             round_half_away(k / scale).to(tl.int8), mask=valid)
+    tl.store(KScale + pid_bh * tl.num_programs(0) + pid, scale)
+    if V_FP8:
+        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                    mask=valid, other=0.0)
+        v = v.to(tl.float32) / tl.load(VScale + pid_bh * HEAD_DIM + offs_d)[None, :]
+        v8 = tl.clamp(v, -448.0, 448.0).to(VT8.dtype.element_ty)
+        tl.store(VT8 + pid_bh.to(tl.int64) * HEAD_DIM * l_pad + offs_d[None, :] * l_pad + rows[:, None], v8,
+                 mask=rows[:, None] < l_pad)
+
+
+def quantize_keys(
+    k: torch.Tensor,
+    k_mean: torch.Tensor,
+    block: int,
+    v: torch.Tensor | None = None,
+    v_amax: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(k_int8 (B,H,L,D), k_scale (B,H,blocks), v_fp8_t (B,H,D,L_pad) or None, v_scale or None)."""
+    B, L, H, D = k.shape
+    nb = triton.cdiv(L, block)
+    k_int8 = torch.empty(B, H, L, D, device=k.device, dtype=torch.int8)
+    k_scale = torch.empty(B, H, nb, device=k.device, dtype=torch.float32)
+    v_fp8 = v_amax is not None
+    if v_fp8:
+        v_scale = (v_amax / FP8_MAX).clamp_min(1e-20)
+        v_t = torch.empty(B, H, D, nb * block, device=k.device, dtype=torch.float8_e4m3fn)
+    else:
+        v, v_scale, v_t = k, k_scale, k_scale
+    _quantize_keys_kernel[(nb, B * H)](
+        k, k_mean, k_int8, k_scale, v, v_scale, v_t,  #
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),  #
+        H, L, nb * block,  #
+        BLOCK=block, HEAD_DIM=D, V_FP8=v_fp8, num_warps=4,
+    )
+    return k_int8, k_scale, (v_t if v_fp8 else None), (v_scale if v_fp8 else None)
+
+
+def quantize_qk_ref(q: torch.Tensor, k: torch.Tensor, blkq: int, blkk: int, sm_scale: float) -> QuantizedQK:
+    """PyTorch reference of Sage's Q/K quantisation (what `pool_queries` + `quantize_keys` write)."""
+
+    def per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L, H, D = x.shape
+        nb = triton.cdiv(L, block)
+        xb = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, nb * block - L)).view(B, nb, block, H, D)
+        scale = (xb.abs().amax(dim=(2, 4)) / 127.0).clamp_min(1e-20)  # (B, nb, H)
+        y = xb / scale[:, :, None, :, None]
+        xq = torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5)).to(torch.int8)
+        xq = xq.view(B, nb * block, H, D)[:, :L].permute(0, 2, 1, 3).contiguous()
+        return xq, scale.permute(0, 2, 1).contiguous()
+
+    q_int8, q_scale = per_block(q.float() * (sm_scale * LOG2E), blkq)
+    k_int8, k_scale = per_block(k.float() - k.float().mean(1, keepdim=True), blkk)
+    return QuantizedQK(q_int8, q_scale, k_int8, k_scale)
+
+
+def dequantize_qk(quant: QuantizedQK, blkq: int, blkk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (B, L, H, D) Q and K as the int8 kernel sees them: logits q.k are in log2 units."""
+
+    def expand(x: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+        per_token = scale.repeat_interleave(block, dim=2)[:, :, : x.shape[2]]
+        return (x.float() * per_token[..., None]).transpose(1, 2)
+
+    return expand(quant.q, quant.q_scale, blkq), expand(quant.k, quant.k_scale, blkk)
+
+
+LN2 = math.log(2.0)
+"""Softmax scale that turns log2-domain logits back into exp2: softmax(LN2 * s) = exp2(s) / sum."""
+

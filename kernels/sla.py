@@ -1,0 +1,218 @@
+"""`sla`: Sparse-Linear Attention as TurboDiffusion runs it.
+
+out = block_sparse(q, k, v; top-k LUT) + proj_l(phi(q) S / (phi(q) z + 1e-5)), with
+phi = softmax over head_dim, S = phi(K)^T V and z = sum phi(k) over ALL tokens (thu-ml/SLA main),
+proj_l the layer's fp32 Linear(head_dim, head_dim), zero-initialised in models (so an untrained
+layer is pure block-sparse attention). proj_l None skips the linear branch.
+
+The whole op is three Triton launches and a few tiny torch ops, with no host sync:
+1. pool Q per query block (+ Sage's int8 Q, `pool_queries`);
+2. pool K per key block, with S and z reduced in the same pass over K and V (`pool_keys`);
+3. score the pooled blocks, top-k, sort (torch, (B, H, query blocks, key blocks));
+4. the flash kernel walks the LUT and adds the linear branch and proj_l in its epilogue.
+``linear="unselected"`` is the paper's variant (linear attention over the blocks the sparse branch
+did not take): the kernel subtracts the selected blocks' phi(q) phi(K_j)^T V_j on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from turbo_kernels.autotune import length_bucket, pick_config
+from turbo_kernels.block_mask import build_block_mask_ref, pool_keys, pool_queries, select_blocks
+from turbo_kernels.block_sparse import block_sparse_attention_ref, check_lut, sparse_configs
+from turbo_kernels.dispatch import use_triton
+from turbo_kernels.flash import (
+    LOG2E,
+    FlashConfig,
+    LinearBranch,
+    QuantizedQK,
+    check_qkv,
+    launch_flash,
+)
+from turbo_kernels.quant import LN2, dequantize_qk, quantize_keys, quantize_qk_ref
+from turbo_kernels.registry import AttentionMetadata, register_attention_backend
+
+LINEAR_EPS = 1e-5
+LINEAR_MODES = ("all", "unselected")
+"""all: linear attention over every token (TurboDiffusion, default); unselected: only over the key
+blocks outside the LUT (the SLA paper / SLA-1 branch)."""
+
+
+def _check_linear_mode(linear: str) -> None:
+    if linear not in LINEAR_MODES:
+        raise ValueError(f"linear must be one of {LINEAR_MODES}, got {linear!r}")
+
+
+def linear_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor | None = None,
+    blkq: int = 128,
+    blkk: int = 64,
+) -> torch.Tensor:
+    """fp32 phi(q) S / (phi(q) z + eps) in (B, L, H, D); with ``lut``, S and z leave out each
+    query block's selected key blocks (the paper's variant)."""
+    B, L, H, D = q.shape
+    phi_q = torch.softmax(q.float(), dim=-1)
+    phi_k = torch.softmax(k.float(), dim=-1)
+    if lut is None:
+        s = torch.einsum("blhd,blhe->bhde", phi_k, v.float())
+        z = phi_k.sum(1)
+        num = torch.einsum("blhd,bhde->blhe", phi_q, s)
+        den = torch.einsum("blhd,bhd->blh", phi_q, z)
+        return num / (den + LINEAR_EPS)[..., None]
+    mq, nk = lut.shape[2], -(-L // blkk)
+    pad = nk * blkk - L
+    phi_kb = torch.nn.functional.pad(phi_k, (0, 0, 0, 0, 0, pad)).view(B, nk, blkk, H, D)
+    vb = torch.nn.functional.pad(v.float(), (0, 0, 0, 0, 0, pad)).view(B, nk, blkk, H, D)
+    s_blocks = torch.einsum("bnthd,bnthe->bhnde", phi_kb, vb)
+    z_blocks = phi_kb.sum(2).permute(0, 2, 1, 3)
+    unselected = torch.ones(B, H, mq, nk, device=q.device)
+    unselected.scatter_(-1, lut.long(), 0.0)
+    s = torch.einsum("bhmn,bhnde->bhmde", unselected, s_blocks)
+    z = torch.einsum("bhmn,bhnd->bhmd", unselected, z_blocks)
+    block_of = torch.arange(L, device=q.device) // blkq
+    num = torch.einsum("blhd,bhlde->blhe", phi_q, s[:, :, block_of])
+    den = torch.einsum("blhd,bhld->blh", phi_q, z[:, :, block_of])
+    return num / (den + LINEAR_EPS)[..., None]
+
+
+def sparse_linear_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    proj_l: torch.nn.Linear | None,
+    *,
+    blkq: int,
+    blkk: int,
+    linear: str = "all",
+    qk_int8: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The exact masked reference for a given LUT: sparse branch (with Sage's int8 Q/K when
+    ``qk_int8``) + proj_l(linear branch), summed in fp32, q's dtype out."""
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if qk_int8:
+        q_hat, k_hat = dequantize_qk(quantize_qk_ref(q, k, blkq, blkk, sm_scale), blkq, blkk)
+        out = block_sparse_attention_ref(q_hat, k_hat, v.float(), lut, blkq, blkk, scale=LN2)
+    else:
+        out = block_sparse_attention_ref(q.float(), k.float(), v.float(), lut, blkq, blkk, scale=sm_scale)
+    if proj_l is not None:
+        o_lin = linear_attention_ref(q, k, v, lut if linear == "unselected" else None, blkq, blkk)
+        bias = proj_l.bias.detach().float() if proj_l.bias is not None else None
+        out = out + torch.nn.functional.linear(o_lin, proj_l.weight.detach().float(), bias)
+    return out.to(q.dtype)
+
+
+def _linear_branch(proj_l: torch.nn.Linear, kv_state, k_state, phi_k, dtype, length: int) -> LinearBranch:
+    weight_t = proj_l.weight.detach().t().to(dtype).contiguous()
+    if proj_l.bias is not None:
+        bias = proj_l.bias.detach().float().contiguous()
+    else:
+        bias = torch.zeros(weight_t.shape[1], device=weight_t.device, dtype=torch.float32)
+    return LinearBranch(kv_state, k_state, weight_t, bias, LINEAR_EPS / length, phi_k)
+
+
+def sparse_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk: float,
+    proj_l: torch.nn.Linear | None = None,
+    *,
+    blkq: int = 128,
+    blkk: int = 64,
+    linear: str = "all",
+    qk_int8: bool = False,
+    pv_fp8: bool = False,
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+    return_lut: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The whole SLA op (mask + sparse + linear + proj_l), plain or Sage-quantised.
+
+    qk_int8: Sage's INT8 Q/K (requires block_m == blkq); pv_fp8: FP8 e4m3 P@V (with qk_int8).
+    return_lut: also return the LUT the op built (benchmarks compare against the same mask).
+    """
+    check_qkv(q, k, v)
+    _check_linear_mode(linear)
+    if pv_fp8 and not qk_int8:
+        raise ValueError("pv_fp8 is a Sage option: it needs qk_int8=True")
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not use_triton(q, k, v):
+        lut = build_block_mask_ref(q, k, topk, blkq, blkk)
+        out = sparse_linear_ref(q, k, v, lut, proj_l, blkq=blkq, blkk=blkk, linear=linear, qk_int8=qk_int8,
+                                scale=sm_scale)
+        return (out, lut) if return_lut else out
+
+    B, L, H, D = q.shape
+    has_linear = proj_l is not None
+    q_pass = pool_queries(q, blkq, sm_scale * LOG2E if qk_int8 else None)
+    k_pass = pool_keys(k, blkk, v, linear=has_linear, phi_out=has_linear and linear == "unselected",
+                       v_amax=pv_fp8)
+    lut = select_blocks(q_pass.pooled, k_pass.pooled, topk)
+    check_lut(lut, q, blkq, blkk)
+    quant = None
+    if qk_int8:
+        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_amax)
+        quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
+    lin = None
+    bias_only = None
+    if has_linear:
+        if linear == "unselected" and lut.shape[-1] == k_pass.pooled.shape[2]:
+            # Every block is exact: the linear branch is empty and proj_l adds only its bias.
+            bias_only = proj_l.bias.detach() if proj_l.bias is not None else None
+        else:
+            lin = _linear_branch(proj_l, k_pass.kv_state, k_pass.k_state, k_pass.phi_k, v.dtype, L)
+
+    def run(cfg: FlashConfig) -> torch.Tensor:
+        return launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, quant=quant, linear=lin)
+
+    if config is None:
+        key = ("sla", blkq, blkk, qk_int8, pv_fp8, lin is not None, linear, length_bucket(L), D, q.dtype,
+               q.device.type)
+        candidates = sparse_configs(blkq, blkk)
+        if qk_int8:
+            candidates = [c for c in candidates if c.block_m == blkq]
+        config = pick_config(key, candidates, run)
+    if config.block_n != blkk or (qk_int8 and config.block_m != blkq):
+        raise ValueError(f"config {config.describe()} does not fit blocks {blkq}x{blkk}")
+    out = run(config)
+    if bias_only is not None:
+        out = (out.float() + bias_only.float()).to(q.dtype)
+    return (out, lut) if return_lut else out
+
+
+def sla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk: float,
+    proj_l: torch.nn.Linear | None = None,
+    *,
+    blkq: int = 128,
+    blkk: int = 64,
+    linear: str = "all",
+    scale: float | None = None,
+    config: FlashConfig | None = None,
+) -> torch.Tensor:
+    """SLA with bf16/fp16 operands; (B, L, H, D) in and out."""
+    return sparse_linear_attention(q, k, v, topk, proj_l, blkq=blkq, blkk=blkk, linear=linear, scale=scale,
+                                   config=config)
+
+
+@register_attention_backend("sla")
+def sla_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    proj_l: torch.nn.Linear | None = None,
+) -> torch.Tensor:
+    """`sla`: top-k block-sparse (128x64 blocks, meta.sla_topk) + linear branch through proj_l."""
+    return sla_attention(q, k, v, meta.sla_topk, proj_l)

@@ -1,0 +1,48 @@
+"""The GPU benchmarks' --smoke mode: the same scripts end to end on tiny shapes (interpreter)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script: str, out: Path) -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    report = _run("attention.py", tmp_path / "attention.json")
+    assert report["interpreter"] is True
+    smoke = report["op_smoke_fp16"]
+    assert not [name for name, r in smoke.items() if "error" in r]
+    assert smoke["sla_128x64"]["pass"] and smoke["sagesla_128x64"]["pass"] and smoke["block_sparse_64x128"]["pass"]
+    shape = report["shapes"]["smoke"]
+    variants = shape["variants"]
+    errors = {name: v["error"] for name, v in variants.items() if "error" in v}
+    assert not errors
+    for name in ("triton_dense", "block_sparse_128x64", "sla_128x64", "sagesla_128x64", "sagesla_128x64_fp8",
+                 "sage_dense", "block_sparse_64x128", "sla_128x64_unselected", "flex_sparse_128x64_eager"):
+        assert variants[name]["ms"] > 0, name
+    # FlexAttention with the BlockMask built from our LUT computes the same masked attention.
+    assert variants["flex_sparse_128x64_eager"]["vs_exact"]["cosine"] > 0.9999
+    assert variants["sla_128x64"]["vs_exact"]["cosine"] > 0.9999
+    assert 0.0 < shape["mask_recall"]["128x64"] <= 1.0
+    assert shape["targets"]["block_sparse_128x64 cosine vs exact masked >= 0.9999"]["pass"]
+
+
+def test_w8a8_benchmark_smoke(tmp_path):
+    report = _run("w8a8.py", tmp_path / "w8a8.json")
+    rows = report["models"]["smoke"]
+    for row in rows.values():
+        assert "error" not in row.get("w8a8_linear", {}), row
+        assert row["w8a8_linear"]["vs_fp32"]["cosine"] > 0.999
+        assert row["weight_mb_int8"] * 2 == pytest.approx(row["weight_mb_bf16"])

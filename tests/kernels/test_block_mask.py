@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+import triton
+
+from turbo_kernels.block_mask import (
+    GEOMETRIES,
+    build_block_mask,
+    build_block_mask_ref,
+    kept_blocks,
+    pool_keys,
+    pool_queries,
+)
+from turbo_kernels.flash import LOG2E
+from turbo_kernels.quant import quantize_keys, quantize_qk_ref
+
+
+def _qkv(length=250, heads=2, dim=64, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, length, heads, dim, generator=gen).to(dtype) for _ in range(3)]
+
+
+def _block_means(x, block):
+    """Loop-per-block means in (B, H, blocks, D): the obvious definition of pooling."""
+    B, L, H, D = x.shape
+    return torch.stack([x[:, s : s + block].float().mean(1) for s in range(0, L, block)], dim=2)
+
+
+@pytest.mark.parametrize("blkq,blkk", GEOMETRIES)
+def test_pooling_divides_the_ragged_block_by_its_length(blkq, blkk):
+    q, k, _ = _qkv(length=250)
+    torch.testing.assert_close(pool_queries(q, blkq).pooled, _block_means(q, blkq))
+    keys = pool_keys(k, blkk)
+    torch.testing.assert_close(keys.mean, k.mean(1))
+    torch.testing.assert_close(keys.pooled, _block_means(k - k.mean(1, keepdim=True), blkk), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("blkq,blkk", GEOMETRIES)
+@pytest.mark.parametrize("topk", [0.01, 0.3, 1.0])
+def test_lut_matches_reference_and_is_sorted_int32(blkq, blkk, topk):
+    q, k, _ = _qkv(length=300, heads=3, dtype=torch.float16)
+    lut = build_block_mask(q, k, topk, blkq, blkk)
+    nk = math.ceil(300 / blkk)
+    assert lut.dtype == torch.int32
+    assert tuple(lut.shape) == (1, 3, math.ceil(300 / blkq), kept_blocks(topk, nk))
+    assert lut.shape[-1] >= 1
+    assert bool((lut[..., 1:] > lut[..., :-1]).all()), "LUT entries must be distinct and ascending"
+    assert int(lut.min()) >= 0 and int(lut.max()) < nk
+    assert torch.equal(lut, build_block_mask_ref(q, k, topk, blkq, blkk))
+    if topk == 1.0:
+        assert torch.equal(lut, torch.arange(nk, dtype=torch.int32).expand_as(lut))
+
+
+def test_lut_keeps_the_best_scoring_blocks():
+    q, k, _ = _qkv(length=256, heads=1)
+    lut = build_block_mask(q, k, 0.25, 128, 64)
+    pooled_q = _block_means(q, 128)
+    pooled_k = _block_means(k - k.mean(1, keepdim=True), 64)
+    score = pooled_q @ pooled_k.transpose(-1, -2)
+    expected = score.argmax(-1, keepdim=True).to(torch.int32)  # 0.25 * 4 blocks = 1 block
+    assert torch.equal(lut, expected)
+
+
+def test_kept_blocks_rule():
+    assert kept_blocks(0.1, 512) == 51
+    assert kept_blocks(0.001, 5) == 1
+    assert kept_blocks(1.0, 5) == 5
+    with pytest.raises(ValueError, match="topk"):
+        kept_blocks(0.0, 5)
+
+
+def test_unknown_geometry_is_rejected():
+    q, k, _ = _qkv()
+    with pytest.raises(ValueError, match="128, 64"):
+        build_block_mask(q, k, 0.5, 32, 32)
+
+
+@pytest.mark.parametrize("blkq,blkk", GEOMETRIES)
+def test_sage_quantisation_matches_reference(blkq, blkk):
+    q, k, _ = _qkv(length=200, dim=128)
+    sm_scale = 1 / math.sqrt(128)
+    ref = quantize_qk_ref(q, k, blkq, blkk, sm_scale)
+    queries = pool_queries(q, blkq, sm_scale * LOG2E)
+    assert torch.equal(queries.q_int8, ref.q)
+    torch.testing.assert_close(queries.q_scale, ref.q_scale)
+    keys = pool_keys(k, blkk)
+    k_int8, k_scale, v_t, v_scale = quantize_keys(k, keys.mean, blkk)
+    assert v_t is None and v_scale is None
+    # K's mean comes from block sums in a different order than torch's mean: allow rare +-1 ties.
+    diff = (k_int8.int() - ref.k.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    torch.testing.assert_close(k_scale, ref.k_scale, rtol=1e-5, atol=1e-7)
+
+
+def test_fp8_v_is_transposed_padded_and_scaled_per_channel():
+    _, k, v = _qkv(length=200, dim=64)
+    keys = pool_keys(k, 64, v, v_amax=True)
+    torch.testing.assert_close(keys.v_amax, v.abs().amax(1))
+    _, _, v_t, v_scale = quantize_keys(k, keys.mean, 64, v, keys.v_amax)
+    assert v_t.dtype == torch.float8_e4m3fn and tuple(v_t.shape) == (1, 2, 64, triton.cdiv(200, 64) * 64)
+    assert float(v_t[..., 200:].float().abs().max()) == 0.0
+    restored = (v_t[..., :200].float() * v_scale[..., None]).permute(0, 3, 1, 2)
+    # e4m3 keeps 3 mantissa bits; the interpreter's float->fp8 cast also truncates some roundings.
+    assert float(((restored - v).abs() / v.abs().amax(1, keepdim=True)).max()) < 0.15
+    assert float((restored - v).abs().mean() / v.abs().mean()) < 0.06
