@@ -33,7 +33,6 @@ SUPERVISOR_NAME = "turbo-gpu-exporter-supervisor"
 EXPORTER_NAME_PREFIX = "turbo-gpu-exporter-"
 SD_FILE_NAME = "turbo_gpu_service_discovery.json"
 """Written next to Ray's own prom_metrics_service_discovery.json, in Ray's temp root on the head."""
-SD_JOB = "turbo_gpu"
 
 
 @dataclass(frozen=True)
@@ -47,15 +46,6 @@ class GpuExporterSettings:
     """file_sd target file; empty for <Ray temp root>/turbo_gpu_service_discovery.json on the head."""
     reconcile_interval_s: float = 15.0
     """How often the supervisor looks for new nodes and rewrites the target file."""
-
-    @classmethod
-    def from_env(cls) -> GpuExporterSettings:
-        """TURBO_GPU_EXPORTER_PORT / _HOST / _SD_FILE override the defaults (deploy files set them)."""
-        return cls(
-            port=int(os.environ.get("TURBO_GPU_EXPORTER_PORT", DEFAULT_PORT)),
-            host=os.environ.get("TURBO_GPU_EXPORTER_HOST", "node"),
-            sd_file=os.environ.get("TURBO_GPU_EXPORTER_SD_FILE", ""),
-        )
 
 
 def exporter_name(node_id: str) -> str:
@@ -152,7 +142,7 @@ class _Supervisor:
 def ensure_gpu_exporters(settings: GpuExporterSettings | None = None) -> tuple[str, dict[str, str]]:
     """Start (or find) the supervisor and reconcile once; returns (file_sd path, node id -> address).
     Idempotent: a second call, from another process too, finds the running supervisor."""
-    settings = settings or GpuExporterSettings.from_env()
+    settings = settings or GpuExporterSettings()
     head = _head_node()
     supervisor = (
         ray.remote(num_cpus=0, max_restarts=-1)(_Supervisor)
@@ -188,8 +178,9 @@ def stop_gpu_exporters() -> None:
 
 
 def report_replica_gpus(settings: GpuExporterSettings | None = None) -> bool:
-    """Tell this node's exporter which GPUs this Serve replica holds. Returns False outside a replica
-    or for a replica without GPUs (nothing to report)."""
+    """Tell this node's exporter which GPUs this Serve replica holds. Returns False outside a replica,
+    for a replica without GPUs, or when the report failed: it never raises, because a replica must
+    serve even when its metrics cannot be reported (the failure is logged)."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
@@ -200,16 +191,18 @@ def report_replica_gpus(settings: GpuExporterSettings | None = None) -> bool:
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     if not gpu_ids:
         return False
-    settings = settings or GpuExporterSettings.from_env()
-    holding = ReplicaHolding(
-        pid=os.getpid(),
-        application=context.app_name or "",
-        deployment=context.deployment,
-        replica=context.replica_tag,
-        gpus=tuple(visible_gpu_refs(gpu_ids)),
-    )
-    node_id = ray.get_runtime_context().get_node_id()
-    data = asdict(holding)
-    ray.get(_exporter_handle(node_id, settings).register_replica.remote(data), timeout=60)
+    try:
+        holding = ReplicaHolding(
+            pid=os.getpid(),
+            application=context.app_name or "",
+            deployment=context.deployment,
+            replica=context.replica_tag,
+            gpus=tuple(visible_gpu_refs(gpu_ids)),
+        )
+        exporter = _exporter_handle(ray.get_runtime_context().get_node_id(), settings or GpuExporterSettings())
+        ray.get(exporter.register_replica.remote(asdict(holding)), timeout=60)
+    except Exception:
+        logger.warning("could not report GPUs %s to the node's GPU exporter", gpu_ids, exc_info=True)
+        return False
     logger.info("reported GPUs %s of %s/%s to the node's exporter", gpu_ids, holding.deployment, holding.replica)
     return True
