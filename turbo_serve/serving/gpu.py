@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from turbo_serve.metrics.gpu_fleet import GpuExporterSettings
+from turbo_serve.settings import Settings
+
+
+def gpu_exporter_settings(settings: Settings) -> GpuExporterSettings:
+    """Where the per-node GPU exporters listen (turbo_serve.metrics.gpu_fleet)."""
+    return GpuExporterSettings(port=settings.gpu_exporter_port, host=settings.gpu_exporter_host)
+
 
 def gpu_snapshot() -> dict[str, Any]:
     try:
