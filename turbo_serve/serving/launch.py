@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         print(f"\nturbo-serve is up: http://{host}:{args.port}/  (models: {', '.join(settings.models)}; "
               f"API under /v1; Ctrl-C stops it)", flush=True)  # fmt: skip
-        print(f"metrics: Ray's on port {ray.nodes()[0]['MetricsExportPort']}, the GPU exporters' listed in "
-              f"{SD_FILE_NAME} under Ray's temp dir; deploy/prometheus/prometheus.yml scrapes both", flush=True)  # fmt: skip
+        print(f"metrics: Ray's on port {ray.nodes()[0]['MetricsExportPort']}, GPU exporters listed in "
+              f"<Ray temp dir>/{SD_FILE_NAME} (see deploy/prometheus/prometheus.yml)", flush=True)  # fmt: skip
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
