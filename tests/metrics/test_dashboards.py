@@ -3,7 +3,6 @@ series name one that turbo-serve or Ray (catalog.RAY_BUILTIN_SERIES) exports."""
 
 import importlib.util
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -82,7 +81,6 @@ def test_metric_name_extraction_ignores_functions_labels_and_grouping():
     assert metric_names(expr) == {"a_bucket", "b"}
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_every_query_parses_as_promql(tmp_path):
     rules = [
         {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(evaluable_queries())

@@ -1,11 +1,8 @@
-import shutil
 import subprocess
 
 import pytest
 import yaml
 from prom_harness import PROMETHEUS_YML, render_config
-
-pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 
 
 def test_promtool_accepts_the_deployed_config():
