@@ -1,6 +1,6 @@
 """Does the GPU exporter agree with nvidia-smi? Both are sampled at the same moments under load.
 
-    python bench/gpu_metrics.py                 # on a GPU host: jobs + matmul phases, ~3-4 min
+    python bench/gpu_metrics.py                 # on a GPU host: jobs + matmul phases, about 2-3 min
     python bench/gpu_metrics.py --smoke --out /tmp/x   # CPU host: tiny jobs, asserts the no-GPU path, plots
 
 Runs the exporter standalone (no Ray), loads one GPU with several pipeline jobs (in-process Pipeline,
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between paired samples")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device to load")
     parser.add_argument("--load", choices=("both", "jobs", "matmul"), default="both")
-    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=6, help="pipeline jobs (a 1.3B 480p job is ~4 s on an H200)")
     parser.add_argument("--jobs-budget-s", type=float, default=150.0, help="model load + jobs stop starting after this")
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
     parser.add_argument("--width", type=int, default=832)
