@@ -48,15 +48,16 @@ MIB = 1024 * 1024
 # field -> (exporter series, exporter value -> nvidia-smi unit, smi column, tolerance(smi value, total MiB))
 FIELDS = {
     "utilization_percent": (catalog.GPU_UTILIZATION.prometheus_name, 1.0, "utilization.gpu", lambda v, t: 10.0),
-    "memory_used_mib": (catalog.GPU_MEMORY_USED.prometheus_name, 1 / MIB, "memory.used", lambda v, t: max(64.0, 0.01 * t)),
+    "memory_used_mib": (catalog.GPU_MEMORY_USED.prometheus_name, 1 / MIB, "memory.used", lambda v, t: 64.0),
     "memory_total_mib": (catalog.GPU_MEMORY_TOTAL.prometheus_name, 1 / MIB, "memory.total", lambda v, t: 1.0),
     "temperature_celsius": (catalog.GPU_TEMPERATURE.prometheus_name, 1.0, "temperature.gpu", lambda v, t: 2.0),
     "power_watts": (catalog.GPU_POWER.prometheus_name, 1.0, "power.draw", lambda v, t: max(30.0, 0.1 * v)),
     "sm_clock_mhz": (catalog.GPU_SM_CLOCK.prometheus_name, 1e-6, "clocks.sm", lambda v, t: max(30.0, 0.05 * v)),
 }  # fmt: skip
 AGREE_FRACTION = 0.9
-"""A field agrees when at least this share of paired samples is within its tolerance. Utilization and
-power are windowed by the driver and the two reads are ~0.1 s apart, so transitions can differ."""
+"""A field agrees when at least this share of paired samples is within its tolerance. The two reads
+are up to ~0.1 s apart, and utilization and power are windowed by the driver, so samples taken while
+load or memory changes can differ; steady-state memory should match to nvidia-smi's MiB rounding."""
 
 
 @dataclass
