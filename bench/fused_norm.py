@@ -76,7 +76,7 @@ OPS = ("layernorm_modulate", "residual_layernorm_modulate", "gated_residual_laye
 @dataclass
 class Op:
     fused: Callable[..., object]
-    """Takes `config=`; works in place where the block does (the inputs are fresh per op)."""
+    """Takes `config=`; where the block works in place, so does this (on a copy of x)."""
     torch_code: Callable[[], object]
     reference: Callable[[], object]
     """float32 math on float32 copies of the inputs."""
@@ -112,7 +112,7 @@ class BlockInputs:
         q, k, _ = self.qkv.chunk(3, dim=-1)
         attn, norm3 = self.block.self_attn, self.block.norm3
         x_work = x.clone()  # the in-place ops update this copy
-        f32 = {name: t.float() for name, t in (("x", x), ("y", y), ("c", c), ("q", q), ("k", k))}
+        f32 = {name: t.float() for name, t in (("x", x), ("y", y), ("q", q), ("k", k))}
 
         def torch_rope():
             unflat = (heads, -1)
@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
         device, dtype, cases = "cuda", torch.bfloat16, {c: CASES[c] for c in args.cases.split(",")}
     out = args.out or (Path(tempfile.gettempdir()) / "fused_norm_smoke.json" if args.smoke else DEFAULT_OUT)
     report = Report("fused_norm.py", argv, out, args.budget_s)
-    report.data.update({"dtype": str(dtype).replace("torch.", ""), "interpreter": interpreting(), "nominal_copy_gbps": NOMINAL_COPY_GBPS,
+    report.data.update({"dtype": str(dtype).replace("torch.", ""), "interpreter": interpreting(),
+                        "nominal_copy_gbps": NOMINAL_COPY_GBPS,
                         "timing": "median of CUDA-event timed calls after one warm-up call (first_call_s apart)"})
     for case_name, case in cases.items():
         run_case(report, case_name, case, device, dtype, args)

@@ -10,8 +10,8 @@ output dtype at the end.
 
 - `layernorm_modulate`: LayerNorm (no affine) then ``* (1 + scale) + shift``; optionally first
   adds a residual into x in place (the block's cross-attention residual).
-- `gated_residual`: ``x + y * gate``, in place or into a new tensor; optionally also the affine
-  LayerNorm of the (rounded) sum, i.e. the block's norm3, from the same read.
+- `gated_residual`: ``x + y * gate``, in place or into a new tensor; `gated_residual_layernorm`
+  also gives the affine LayerNorm of the (rounded) sum, i.e. the block's norm3, from the same read.
 - `rmsnorm_rope`: q and k straight from the fused qkv GEMM output (strided views) -> RMSNorm over
   the whole width -> interleaved-pair RoPE per head -> contiguous (B, L, H, D), both in one launch
   so the cos/sin row of a token is read once.
@@ -23,7 +23,8 @@ between RMSNorm and RoPE, so for bfloat16/float16 the fused path is the more exa
 Launch shapes are plain functions of the row width (`row_config`), not autotuned: `gated_residual`
 works in place, and a config timed at first call would also be a host sync inside CUDA-graph
 capture. Nothing here syncs or allocates anything whose size depends on data, so every entry point
-can be captured. `bench/fused_norm.py` sweeps `ROW_CONFIGS` on the GPU.
+can be captured. `bench/fused_norm.py` times every op against the PyTorch code it replaces, with
+`traffic_bytes` as its byte count, and sweeps `ROW_CONFIGS` on the GPU.
 
 Not done: emitting the W8A8 input (int8 per 128x128 tile, `turbo_kernels.w8a8`) from
 `layernorm_modulate`. A tile's scale needs the max over 128 rows of the *modulated* values, which a
@@ -70,8 +71,9 @@ ROW_CONFIGS = [RowConfig(m, w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16)]
 def row_config(dim: int, values_per_thread: int) -> RowConfig:
     """Rows per program and warps for rows of width `dim`, about `values_per_thread` per tensor.
 
-    Several rows per program amortise the per-batch vectors (shift, scale, gate, norm weights: up
-    to 4x the bytes of a bfloat16 row) over BLOCK_M rows, so they come from L1 instead of L2.
+    At least 4 warps, and several short rows per program rather than fewer threads, so each program
+    has a few KB of loads in flight; the per-batch vectors (shift, scale, gate, norm weights) are
+    then read once per BLOCK_M rows.
     """
     block_n = triton.next_power_of_2(dim)
     num_warps = max(4, min(16, block_n // (32 * values_per_thread)))
@@ -137,7 +139,8 @@ def _layernorm_modulate_kernel(X, Res, Shift, Scale, Out,  #
                                L, eps,  #
                                stride_xb, stride_xl, stride_rb, stride_rl,  #
                                stride_sb, stride_cb, stride_ob, stride_ol,  #
-                               DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                               DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                               HAS_RESIDUAL: tl.constexpr):
     pid_l = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows, cols, mask = _row_block(pid_l, L, DIM, BLOCK_M, BLOCK_N)

@@ -13,7 +13,6 @@ from turbo_kernels.registry import AttentionMetadata, attention_types, register_
 from turbo_serve.models.configs import get_preset
 from turbo_serve.models.loading import load_dit
 from turbo_serve.models.quant import Int8Linear, quantize_linears
-from turbo_serve.models import wan_dit
 from turbo_serve.models.wan_dit import apply_rope, rope_axis_dims, rope_tables, sinusoidal_embedding
 
 TINY = get_preset("tiny-t2v").dit
@@ -167,10 +166,7 @@ def test_quantize_linears_replaces_block_linears_but_proj_l():
     assert (quantized - reference).norm() / reference.norm() < 0.02
 
 
-def test_block_traces_as_one_graph(tiny_dit, monkeypatch):
-    # The PyTorch path: under the CPU interpreter the fused kernels are Python functions, not
-    # Triton kernels dynamo can wrap (on CUDA bench/fused_norm.py --compile traces the fused block).
-    monkeypatch.setattr(wan_dit, "FUSED_NORMS", False)
+def test_block_traces_as_one_graph(tiny_dit):
     block = tiny_dit.blocks[0]
     tokens = 2 * 3 * 4
     x = torch.randn(1, tokens, TINY.dim)

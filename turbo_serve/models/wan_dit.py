@@ -10,12 +10,14 @@ Numerics: LayerNorm, the adaptive modulation, the gates, the time embedding and 
 float32 as in Wan; RoPE is applied in float32; the residual stream stays in the model dtype between
 updates (as TurboDiffusion and diffusers keep it).
 Norms, modulation, q/k RMSNorm + RoPE and the residual updates of a block run either as the PyTorch
-ops below or, where Triton runs (`FUSED_NORMS`), as the one-pass kernels of
-`turbo_kernels.fused_norm`: the same function, except that the fused q/k path rounds to the model
-dtype once (after RoPE) where the PyTorch one also rounds after RMSNorm.
+ops below or (on CUDA, `FUSED_NORMS`) as the one-pass kernels of `turbo_kernels.fused_norm`: the
+same function, except that the fused q/k path rounds to the model dtype once (after RoPE) where
+the PyTorch one also rounds after RMSNorm.
 Self-attention goes through the attention registry, picked per forward by
 `AttentionMetadata.attention_type`, so one loaded model serves every backend. Blocks contain no
-data-dependent Python control flow, so `torch.compile(block, fullgraph=True)` traces them whole.
+data-dependent Python control flow, so `torch.compile(block, fullgraph=True)` traces them whole
+(the fused path on CUDA, where its kernels are Triton kernels), and nothing in a block syncs with
+the host, so a whole forward can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbo_kernels.dispatch import use_triton
 from turbo_kernels.fused_norm import gated_residual, gated_residual_layernorm, layernorm_modulate, rmsnorm_rope
 from turbo_kernels.registry import AttentionBackend, AttentionMetadata, get_attention_backend
 from turbo_serve.models.configs import WanDiTConfig
@@ -41,13 +42,15 @@ DEFAULT_ATTENTION = AttentionMetadata()
 # Grids whose RoPE tables a model keeps (one per resolution in use).
 _ROPE_CACHE_SIZE = 8
 FUSED_NORMS: bool | None = None
-"""Blocks use turbo_kernels.fused_norm (True) or the PyTorch ops (False); None: wherever its Triton
-kernels run (CUDA, or the CPU under Triton's interpreter; `turbo_kernels.dispatch.use_triton`)."""
+"""Blocks use turbo_kernels.fused_norm (True) or the PyTorch ops (False); None: the kernels on CUDA.
+On the CPU the entry points run their Triton kernels only under Triton's interpreter, as Python,
+several times slower per step than the PyTorch ops (too slow for the serving tests' jobs), and their
+PyTorch references otherwise, so a CPU model keeps the PyTorch ops unless this is set to True."""
 
 
 def fused_norms(x: torch.Tensor) -> bool:
     """Whether a block given activations `x` takes the fused kernels (see `FUSED_NORMS`)."""
-    return use_triton(x) if FUSED_NORMS is None else FUSED_NORMS
+    return x.is_cuda if FUSED_NORMS is None else FUSED_NORMS
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
