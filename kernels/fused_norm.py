@@ -243,7 +243,15 @@ def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inp
     return x.copy_(total) if inplace else total
 
 
-def _launch_gated_residual(x, y, gate, out, norm, config):
+def _launch_gated_residual(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    out: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
+    config: RowConfig | None,
+) -> None:
+    """out = x + y * gate; with norm = (weight, bias, normed, eps) also normed = LayerNorm(out)."""
     _check_rows("y", y)
     if y.shape != x.shape:
         raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
