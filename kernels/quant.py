@@ -56,16 +56,20 @@ def quantize_keys(
     k_mean: torch.Tensor,
     block: int,
     v: torch.Tensor | None = None,
-    v_amax: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(k_int8 (B,H,L,D), k_scale (B,H,blocks), v_fp8_t (B,H,D,L_pad) or None, v_scale or None)."""
+    """(k_int8 (B,H,L,D), k_scale (B,H,blocks), v_fp8_t (B,H,D,L_pad) or None, v_scale or None).
+
+    v_scale: (B, H, D) per-channel max |v| / FP8_MAX (`pool_keys(..., v_amax=True)`); with it V is
+    written as pre-transposed FP8."""
     B, L, H, D = k.shape
     nb = triton.cdiv(L, block)
     k_int8 = torch.empty(B, H, L, D, device=k.device, dtype=torch.int8)
     k_scale = torch.empty(B, H, nb, device=k.device, dtype=torch.float32)
-    v_fp8 = v_amax is not None
+    v_fp8 = v_scale is not None
     if v_fp8:
-        v_scale = (v_amax / FP8_MAX).clamp_min(1e-20)
+        if v is None:
+            raise ValueError("quantize_keys needs v with v_scale")
         v_t = torch.empty(B, H, D, nb * block, device=k.device, dtype=torch.float8_e4m3fn)
     else:
         v, v_scale, v_t = k, k_scale, k_scale

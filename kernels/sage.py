@@ -70,8 +70,8 @@ def sage_attention(
 
     def run(cfg: FlashConfig) -> torch.Tensor:
         q_pass = pool_queries(q, cfg.block_m, sm_scale * LOG2E)
-        k_pass = pool_keys(k, cfg.block_n, v, v_amax=pv_fp8)
-        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, cfg.block_n, v, k_pass.v_amax)
+        k_pass = pool_keys(k, cfg.block_n, v, v_amax=pv_fp8, k_mean=True)
+        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, cfg.block_n, v, k_pass.v_scale)
         quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
         return launch_flash(q, k, v, cfg, sm_scale=sm_scale, quant=quant)
 
@@ -89,12 +89,15 @@ def sagesla_attention(
     proj_l: torch.nn.Linear | None = None,
     *,
     geometry: tuple[int, int] | None = None,
-    pv_fp8: bool = False,
+    pv_fp8: bool | None = None,
     linear: str = "all",
     scale: float | None = None,
     config: FlashConfig | None = None,
 ) -> torch.Tensor:
-    """SLA with Sage's INT8 QK^T in the sparse branch; geometry (blkq, blkk) defaults per GPU."""
+    """SLA with Sage's INT8 QK^T in the sparse branch; geometry (blkq, blkk) defaults per GPU.
+
+    pv_fp8 None (the default): the autotuner picks bf16 or FP8 P@V per shape where the GPU has
+    FP8 MMAs, FP8 only if it keeps cosine >= `turbo_kernels.sla.PV_FP8_MIN_COSINE` to bf16 P@V."""
     blkq, blkk = geometry or sagesla_geometry(q.device)
     return sparse_linear_attention(q, k, v, topk, proj_l, blkq=blkq, blkk=blkk, linear=linear, qk_int8=True,
                                    pv_fp8=pv_fp8, scale=scale, config=config)
