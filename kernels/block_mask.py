@@ -185,9 +185,10 @@ def _select_topk_kernel(Score, Lut, num_rows, num_kblocks, kept,  #
                         ROWS: tl.constexpr, NK_PAD: tl.constexpr):
     """Top ``kept`` columns of ROWS score rows, written as ascending int32 column indices.
 
-    Radix select on the order-preserving int32 image of the fp32 scores: 32 count passes find the
-    kept-th largest key exactly, ties at the threshold go to the lowest columns, and a prefix sum
-    over the selection gives every chosen column its slot, so the row comes out sorted.
+    Radix select on the order-preserving int32 image of the fp32 scores: up to 32 count passes
+    find a threshold with exactly ``kept`` keys at or above it (or, with ties, the kept-th largest
+    key; ties go to the lowest columns), and a prefix sum over the selection gives every chosen
+    column its slot, so the row comes out sorted.
     """
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -198,11 +199,21 @@ def _select_topk_kernel(Score, Lut, num_rows, num_kblocks, kept,  #
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of key == float order
     key = tl.where(valid, key, -2147483648)  # padding sorts below every real score
-    # Largest threshold t with count(key >= t) >= kept, built from the top bit down.
-    t = tl.where(tl.sum((key >= 0).to(tl.int32), 1) >= kept, 0, -2147483648)
-    for i in tl.static_range(31):
-        cand = t | (1 << (30 - i))
-        t = tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), 1) >= kept, cand, t)
+    # Largest threshold t with count(key >= t) >= kept, built from the top bit down; once every
+    # row has exactly `kept` keys >= t, the lower bits cannot change the selection and the loop
+    # stops (typically after ~20 of the 32 bits; ties at the threshold run all of them).
+    count = tl.sum((key >= 0).to(tl.int32), 1)
+    take = count >= kept
+    t = tl.where(take, 0, -2147483648)
+    count = tl.where(take, count, tl.sum(valid.to(tl.int32), 1))
+    bit = 30
+    while (bit >= 0) & (tl.max(tl.where(row_ok, count, kept), 0) > kept):
+        cand = t | (1 << bit)
+        cand_count = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+        take = cand_count >= kept
+        t = tl.where(take, cand, t)
+        count = tl.where(take, cand_count, count)
+        bit -= 1
     above = key > t[:, None]
     tie = (key == t[:, None]) & valid
     need = kept - tl.sum(above.to(tl.int32), 1)
