@@ -54,6 +54,7 @@ class Variant:
     num_warps: int
     num_stages: int
     floats: tuple[str, ...] = ()
+    maxnreg: int | None = None
     report: dict = field(default_factory=dict)
 
 
@@ -79,7 +80,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
     kernel = triton.compile(
         ASTSource(v.fn, sig, const, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+        options={"num_warps": v.num_warps, "num_stages": v.num_stages,
+                 **({"maxnreg": v.maxnreg} if v.maxnreg else {})},
     )
     ptx = kernel.asm["ptx"]
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -146,7 +148,7 @@ def variants() -> list[Variant]:
     from turbo_kernels.block_sparse import SPARSE_CONFIGS
     from turbo_kernels.dense import DENSE_CONFIGS
     from turbo_kernels.sage import SAGE_DENSE_CONFIGS
-    from turbo_kernels.w8a8 import GEMM_CONFIGS
+    from turbo_kernels.w8a8 import GEMM_CONFIGS, QUANT_LAUNCH
 
     out = []
     for c in DENSE_CONFIGS:
@@ -207,12 +209,13 @@ def variants() -> list[Variant]:
         out.append(Variant(f"select_topk {nk_pad}", _select_topk_kernel, {"Score": "fp32", "Lut": "i32"},
                            dict(ROWS=max(1, 8192 // nk_pad), NK_PAD=nk_pad), 4, 3))
     out.append(Variant("quantize_tiles", _quantize_tiles_kernel, {"X": "bf16", "XQ": "i8", "Scale": "fp32"},
-                       dict(TILE_SIZE=128), 8, 3))
+                       dict(TILE_SIZE=128), QUANT_LAUNCH["num_warps"], 3, maxnreg=QUANT_LAUNCH["maxnreg"]))
     for c in GEMM_CONFIGS:
         out.append(Variant(f"w8a8 {c.describe()}", _w8a8_matmul_kernel,
                            {"A": "i8", "W": "i8", "C": "bf16", "AScale": "fp32", "WScale": "fp32", "Bias": "bf16"},
                            dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, TILE_SIZE=128,
-                                EVEN_K=True, HAS_BIAS=True), c.num_warps, c.num_stages))
+                                EVEN_K=True, HAS_BIAS=True, FAST_CONVERT=c.fast_convert, K_UNROLL=c.k_unroll),
+                           c.num_warps, c.num_stages))
     return out
 
 

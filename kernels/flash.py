@@ -7,7 +7,9 @@ inner loop (and one place to tune it):
   sorted ascending, so K/V reads move forward through memory and the ragged last key block, when
   selected, is always the LUT's last entry: the loop runs unmasked and only that block is masked.
 - ``QK_INT8`` (Sage): Q and K arrive as int8 with one fp32 scale per block; Q already carries
-  sm_scale*log2(e), so the int32 dot times q_scale*k_scale is the log2-domain logit.
+  sm_scale*log2(e), so the int32 dot times q_scale*k_scale is the log2-domain logit. The int32
+  tile becomes fp32 by exact adds, not I2F (`turbo_kernels.convert`): I2F runs at the MUFU rate
+  on Hopper and would cost as much as the softmax's exp2.
 - ``PV_FP8``: V arrives as float8 e4m3, pre-transposed to (B, H, D, L_pad) with one scale per
   channel (the Hopper FP8 MMA wants V K-major). Every block's P@V is a fresh ``tl.dot`` scaled
   into the fp32 accumulator (two-level accumulation: the FP8 MMA accumulator has only ~22 bits).
@@ -34,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from turbo_kernels.convert import int32_to_float_exact
 from turbo_kernels.dispatch import interpreting
 
 LOG2E = 1.4426950408889634
@@ -106,7 +109,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     if QK_INT8:
-        qk = qk.to(tl.float32)
+        qk = int32_to_float_exact(qk)  # |q.k| <= 256 * 127 * 127 < 2**22: no I2F next to the EX2s
         if PAIR:
             scale = scale_q * tl.where(first, tl.load(KScale + kb), tl.load(KScale + kb2))
         else:
