@@ -189,9 +189,11 @@ def variants() -> list[Variant]:
                            {"Q": "bf16", "Pooled": "fp32", "QInt8": "i8", "QScale": "fp32"},
                            dict(BLOCK=block, HEAD_DIM=128, QUANTIZE=True), 8 if block == 128 else 4, 3,
                            floats=("quant_scale",)))
-        out.append(Variant(f"pool_keys+linear {block}", _pool_keys_kernel,
-                           {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "SPart": "fp32", "ZPart": "fp32",
-                            "VAmaxPart": "fp32", "PhiK": "bf16"},
+        keys = {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "KSumPart": "fp32", "SPart": "fp32", "ZPart": "fp32",
+                "VAmaxPart": "fp32", "PhiK": "bf16"}
+        out.append(Variant(f"pool_keys {block}", _pool_keys_kernel, keys,
+                           dict(BLOCK=block, HEAD_DIM=128, LINEAR=False, PHI_OUT=False, V_AMAX=False), 4, 3))
+        out.append(Variant(f"pool_keys+linear {block}", _pool_keys_kernel, keys,
                            dict(BLOCK=block, HEAD_DIM=128, LINEAR=True, PHI_OUT=False, V_AMAX=True), 8, 3))
         out.append(Variant(f"quantize_keys+fp8v {block}", _quantize_keys_kernel,
                            {"K": "bf16", "KMean": "fp32", "KInt8": "i8", "KScale": "fp32", "V": "bf16",
