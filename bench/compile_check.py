@@ -29,6 +29,8 @@ from source_checkout import ensure_turbo_kernels  # noqa: E402
 
 ensure_turbo_kernels()
 from turbo_kernels.block_mask import (  # noqa: E402
+    SELECT_ELEMENTS,
+    SELECT_LAUNCH,
     _block_scores_kernel,
     _finalize_keys_kernel,
     _pool_keys_kernel,
@@ -36,7 +38,7 @@ from turbo_kernels.block_mask import (  # noqa: E402
     _select_topk_kernel,
 )
 from turbo_kernels.flash import _flash_fwd  # noqa: E402
-from turbo_kernels.quant import _quantize_keys_kernel  # noqa: E402
+from turbo_kernels.quant import QUANTIZE_KEYS_LAUNCH, _quantize_keys_kernel  # noqa: E402
 from turbo_kernels.w8a8 import _quantize_tiles_kernel, _w8a8_matmul_kernel  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -198,7 +200,8 @@ def variants() -> list[Variant]:
         out.append(Variant(f"quantize_keys+fp8v {block}", _quantize_keys_kernel,
                            {"K": "bf16", "KMean": "fp32", "KInt8": "i8", "KScale": "fp32", "V": "bf16",
                             "VScale": "fp32", "VT8": "fp8e4nv"},
-                           dict(BLOCK=block, HEAD_DIM=128, V_FP8=True), 4, 3))
+                           dict(BLOCK=block, HEAD_DIM=128, V_FP8=True), QUANTIZE_KEYS_LAUNCH["num_warps"], 3,
+                           maxnreg=QUANTIZE_KEYS_LAUNCH["maxnreg"]))
     out.append(Variant("finalize_keys+linear+fp8v", _finalize_keys_kernel,
                        {"KSumPart": "fp32", "SPart": "fp32", "ZPart": "fp32", "VAmaxPart": "fp32", "KMean": "fp32",
                         "KVState": "bf16", "KState": "fp32", "VScale": "fp32"},
@@ -209,7 +212,8 @@ def variants() -> list[Variant]:
                            dict(KEY_BLOCK=block, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64), 4, 3))
     for nk_pad in (256, 512, 1024, 2048):  # 480p and 720p, both geometries
         out.append(Variant(f"select_topk {nk_pad}", _select_topk_kernel, {"Score": "fp32", "Lut": "i32"},
-                           dict(ROWS=max(1, 8192 // nk_pad), NK_PAD=nk_pad), 4, 3))
+                           dict(ROWS=max(1, SELECT_ELEMENTS // nk_pad), NK_PAD=nk_pad), SELECT_LAUNCH["num_warps"], 3,
+                           maxnreg=SELECT_LAUNCH["maxnreg"]))
     out.append(Variant("quantize_tiles", _quantize_tiles_kernel, {"X": "bf16", "XQ": "i8", "Scale": "fp32"},
                        dict(TILE_SIZE=128), QUANT_LAUNCH["num_warps"], 3, maxnreg=QUANT_LAUNCH["maxnreg"]))
     for c in GEMM_CONFIGS:

@@ -390,12 +390,19 @@ def select_topk(score: torch.Tensor, kept: int) -> torch.Tensor:
     rows = score.numel() // nk
     lut = torch.empty(*lead, kept, device=score.device, dtype=torch.int32)
     nk_pad = triton.next_power_of_2(nk)
-    per_program = max(1, 8192 // nk_pad)
+    per_program = max(1, SELECT_ELEMENTS // nk_pad)
+    launch = SELECT_LAUNCH if score.is_cuda else {"num_warps": SELECT_LAUNCH["num_warps"]}
     _select_topk_kernel[(triton.cdiv(rows, per_program),)](
-        score, lut, rows, nk, kept, ROWS=per_program, NK_PAD=nk_pad, num_warps=4,
+        score, lut, rows, nk, kept, ROWS=per_program, NK_PAD=nk_pad, **launch,
     )
     return lut
 
+
+SELECT_ELEMENTS = 4096
+"""Scores per `_select_topk_kernel` program (rows x padded key blocks): 32 per thread over 4 warps."""
+SELECT_LAUNCH = {"num_warps": 4, "maxnreg": 96}
+"""Capped at 96 registers (no spills on sm90, bench/compile_check.py; 160 uncapped), so five
+programs share an SM and hide the count passes' reduction latency."""
 
 SELECT_METHODS = ("triton", "torch")
 """triton: score + radix-select kernels (two launches); torch: matmul, topk, sort, cast (the

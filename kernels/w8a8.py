@@ -234,7 +234,7 @@ GEMM_CONFIGS = [
     GemmConfig(128, 128, 8, 3),
     GemmConfig(128, 128, 8, 4),
     GemmConfig(128, 128, 8, 5),
-    GemmConfig(128, 128, 8, 4, k_unroll=2),
+    GemmConfig(128, 128, 8, 3, k_unroll=2),
 ]
 """Autotune candidates. The first is the H200 run's winner (I2F conversion), kept as the
 baseline; the others convert with integer adds, with 3-5 stages, and one issues two K tiles'
