@@ -45,7 +45,14 @@ ensure_turbo_kernels()
 
 from turbo_kernels.accuracy import compare  # noqa: E402
 from turbo_kernels.autotune import last_config, tuned_configs, tuning_log  # noqa: E402
-from turbo_kernels.block_mask import GEOMETRIES, build_block_mask, kept_blocks  # noqa: E402
+from turbo_kernels.block_mask import (  # noqa: E402
+    GEOMETRIES,
+    build_block_mask,
+    kept_blocks,
+    pool_keys,
+    pool_queries,
+    select_blocks_from_passes,
+)
 from turbo_kernels.block_sparse import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_ref,
@@ -53,14 +60,28 @@ from turbo_kernels.block_sparse import (  # noqa: E402
     sparse_configs,
 )
 from turbo_kernels.dense import DENSE_CONFIGS, attention_ref, dense_attention  # noqa: E402
-from turbo_kernels.flash import FlashConfig, tma_candidates_allowed, with_tma_twins  # noqa: E402
+from turbo_kernels.flash import (  # noqa: E402
+    LOG2E,
+    FlashConfig,
+    LinearBranch,
+    QuantizedQK,
+    launch_flash,
+    tma_candidates_allowed,
+    with_tma_twins,
+)
+from turbo_kernels.quant import quantize_keys  # noqa: E402
 from turbo_kernels.sage import (  # noqa: E402
     sage_attention,
     sage_attention_ref,
     sagesla_attention,
     sagesla_geometry,
 )
-from turbo_kernels.sla import sparse_linear_attention, sparse_linear_candidates, sparse_linear_ref  # noqa: E402
+from turbo_kernels.sla import (  # noqa: E402
+    LINEAR_EPS,
+    sparse_linear_attention,
+    sparse_linear_candidates,
+    sparse_linear_ref,
+)
 
 from timing import measure, sync  # noqa: E402
 
@@ -366,14 +387,17 @@ def run_shape(bench: Bench, shape: Shape, first: bool, dense_config: FlashConfig
     # SLA (mask + sparse + linear + proj_l) and sagesla at the Hopper geometry: the default
     # (autotuned P@V precision), and each precision pinned.
     sla_config = None
+    stages = res["stages_ms"] = {}
     if variant("sla_128x64", lambda: sparse_linear_attention(q, k, v, topk, proj), flops_real=sparse_real(g, True),
                accuracy=vs_exact("sla", g), tuned="sla", graph=True) is not None:
         sla_config = last_config("sla")
+        stages["sla_128x64"] = stage_times(bench, q, k, v, proj, g, False, sla_config)
     for suffix, pv in (("", None), ("_bf16pv", False), ("_fp8pv", True)):
-        variant(f"sagesla_{_tag(sage_geom)}{suffix}",
-                lambda pv=pv: sagesla_attention(q, k, v, topk, proj, geometry=sage_geom, pv_fp8=pv),
-                flops_real=sparse_real(sage_geom, True), accuracy=vs_exact("sla", sage_geom),
-                tuned="sla", graph=pv is None)
+        if variant(f"sagesla_{_tag(sage_geom)}{suffix}",
+                   lambda pv=pv: sagesla_attention(q, k, v, topk, proj, geometry=sage_geom, pv_fp8=pv),
+                   flops_real=sparse_real(sage_geom, True), accuracy=vs_exact("sla", sage_geom),
+                   tuned="sla", graph=pv is None) is not None and pv is None:
+            stages[f"sagesla_{_tag(sage_geom)}"] = stage_times(bench, q, k, v, proj, sage_geom, True, last_config("sla"))
     if first:
         variant("sage_dense", lambda: sage_attention(q, k, v, config=SAGE_BENCH_CONFIG), flops_real=dense,
                 accuracy=vs_sdpa, config=SAGE_BENCH_CONFIG)
@@ -389,6 +413,45 @@ def run_shape(bench: Bench, shape: Shape, first: bool, dense_config: FlashConfig
     res["mask_recall"] = {_tag(g): mask_recall(q, k, lut_for(g), *g) for g in GEOMETRIES}
     res["targets"] = targets(variants, base_name, sage_geom)
     return res
+
+
+def stage_times(bench: Bench, q, k, v, proj, g, qk_int8: bool, cfg) -> dict:
+    """The launches of one sla / sagesla op timed one by one with its tuned config (where the
+    whole op's time goes; the flash kernel also without its linear epilogue)."""
+    if not isinstance(cfg, FlashConfig) or bench.time_left() < 15:
+        return {"skipped": "no tuned config" if not isinstance(cfg, FlashConfig) else "time budget"}
+    device, topk = bench.device, bench.args.topk
+    blkq, blkk = g
+    L, D = q.shape[1], q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(D)
+    quant_scale = sm_scale * LOG2E if qk_int8 else None
+    out: dict = {}
+
+    def timed(name, fn):
+        try:
+            out[name] = round(measure(fn, device, max_s=0.2)["ms"], 4)
+        except Exception as error:  # noqa: BLE001
+            out[name] = f"{type(error).__name__}: {str(error)[:200]}"
+
+    def key_pass():
+        return pool_keys(k, blkk, v, linear=True, v_amax=cfg.pv_fp8, k_mean=qk_int8)
+
+    timed("pool_queries", lambda: pool_queries(q, blkq, quant_scale))
+    timed("pool_keys (+ linear state, reduce)", key_pass)
+    q_pass, k_pass = pool_queries(q, blkq, quant_scale), key_pass()
+    timed("select (score + radix top-k)", lambda: select_blocks_from_passes(q_pass, k_pass, topk))
+    lut = select_blocks_from_passes(q_pass, k_pass, topk)
+    quant = None
+    if qk_int8:
+        timed("quantize_keys", lambda: quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_scale))
+        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_scale)
+        quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
+    lin = LinearBranch(k_pass.kv_state, k_pass.k_state, proj.weight.detach(), proj.bias.detach(), LINEAR_EPS / L)
+    for name, branch in (("flash (sparse + linear epilogue)", lin), ("flash without the linear epilogue", None)):
+        timed(name, lambda branch=branch: launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq,
+                                                       lut_block_n=blkk, quant=quant, linear=branch))
+    out["config"] = cfg.describe()
+    return out
 
 
 SAGE_BENCH_CONFIG = FlashConfig(64, 128, num_warps=4, num_stages=3)
@@ -594,6 +657,8 @@ def print_table(report: dict) -> None:
             print(f"{name:30s} {v['ms']:9.3f} {speed:7.2f} {g_ms:9.3f} {g_speed:7.2f} {v['tflops_dense_equiv']:8.0f} "
                   f"{v.get('tflops_real', nan):6.0f} {acc.get('cosine', nan):10.6f} {acc.get('rel_l1', nan):9.2e} "
                   f"{rounded.get('rel_l1', nan):9.2e}  {v.get('config', '')}")
+        for op, parts in res.get("stages_ms", {}).items():
+            print(f"  stages of {op} (ms): " + ", ".join(f"{n} {t}" for n, t in parts.items()))
         for label, t in res["targets"].items():
             value = "n/a" if t["value"] is None else f"{t['value']:.4g}"
             verdict = "INFO" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
