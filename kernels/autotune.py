@@ -5,9 +5,11 @@ no GPU timer), and fixes the block sizes per kernel; here each entry point passe
 that fit its call (sparse kernels take their tile from the LUT geometry) and the whole launch to
 time. CUDA only: the interpreter, or TURBO_KERNELS_AUTOTUNE=0, takes the first candidate.
 
-The first candidate is the reference: a candidate that changes numerics (FP8 P@V) is only chosen
-if ``accept`` passes its output against the first candidate's. Every decision is kept in
-`tuning_log` (times, rejections and the reason for the choice) so benchmarks can record it.
+The first candidate is the reference: every other candidate's output is checked against its
+output (``accept``, e.g. `close_to_reference`) before it is timed, so a candidate that changes
+numerics (FP8 P@V) must pass its own gate and one that a compiler bug breaks (a TMA or tile
+variant) is rejected rather than chosen. Every decision is kept in `tuning_log` (times,
+rejections with reasons, the choice) so benchmarks can record it.
 
 Tuning synchronises the device, so it must happen outside CUDA-graph capture: run each shape once
 before capturing. A key first seen during capture takes the first candidate, untimed, and is
@@ -22,6 +24,7 @@ from typing import Callable, Hashable, TypeVar
 import torch
 import triton
 
+from turbo_kernels.accuracy import cosine_similarity
 from turbo_kernels.dispatch import interpreting
 
 ConfigT = TypeVar("ConfigT", bound=Hashable)
@@ -101,6 +104,26 @@ def pick_config(
     _TUNED[key] = best
     _LAST[key[0]] = best
     return best
+
+
+EXACT_MIN_COSINE = 0.9999
+"""Candidates that compute the same thing in another order (tiles, stages, TMA) must agree with
+the first candidate this closely; anything less is a miscompile, not a config."""
+
+
+def close_to_reference(
+    min_cosine: Callable[[ConfigT], float] = lambda cfg: EXACT_MIN_COSINE,
+    output: Callable[[object], torch.Tensor] = lambda out: out,
+) -> Callable[[ConfigT, object, object], str | None]:
+    """An ``accept`` for pick_config: the candidate's output (``output`` picks the tensor out of
+    run()'s result) must keep cosine >= min_cosine(config) to the first candidate's."""
+
+    def accept(cfg: ConfigT, out: object, reference: object) -> str | None:
+        cos = cosine_similarity(output(out), output(reference))
+        need = min_cosine(cfg)
+        return None if cos >= need else f"cosine {cos:.6f} to the first candidate's output < {need}"
+
+    return accept
 
 
 def tuned_configs() -> dict[tuple, object]:

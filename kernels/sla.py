@@ -25,8 +25,7 @@ from dataclasses import replace
 import torch
 import triton
 
-from turbo_kernels.accuracy import cosine_similarity
-from turbo_kernels.autotune import length_bucket, pick_config
+from turbo_kernels.autotune import EXACT_MIN_COSINE, close_to_reference, length_bucket, pick_config
 from turbo_kernels.block_mask import (
     build_block_mask_ref,
     kept_blocks,
@@ -133,11 +132,9 @@ def fp8_pv_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _admit_fp8(cfg: FlashConfig, out, reference) -> str | None:
-    if not cfg.pv_fp8:
-        return None
-    cos = cosine_similarity(out[0], reference[0])
-    return None if cos >= PV_FP8_MIN_COSINE else f"cosine {cos:.6f} to bf16 P@V < {PV_FP8_MIN_COSINE}"
+_ADMIT = close_to_reference(lambda cfg: PV_FP8_MIN_COSINE if cfg.pv_fp8 else EXACT_MIN_COSINE, lambda out: out[0])
+"""Candidates against the first (bf16 P@V, plain pointers): exact ones at EXACT_MIN_COSINE,
+FP8 P@V at PV_FP8_MIN_COSINE."""
 
 
 def sparse_linear_candidates(blkq: int, blkk: int, qk_int8: bool, pv_fp8: bool | None, linear: str,
@@ -224,7 +221,7 @@ def sparse_linear_attention(
         key = ("sla", blkq, blkk, qk_int8, "auto" if pv_fp8 is None else bool(pv_fp8), has_linear, linear, select,
                length_bucket(L), D, q.dtype, q.device.type)
         candidates = sparse_linear_candidates(blkq, blkk, qk_int8, pv_fp8, linear, q, k, v)
-        config = pick_config(key, candidates, run, accept=_admit_fp8)
+        config = pick_config(key, candidates, run, accept=_ADMIT)
     elif pv_fp8 and not config.pv_fp8:
         config = replace(config, pv_fp8=True)
     if config.block_n not in (blkk, 2 * blkk) or (qk_int8 and config.block_m != blkq):

@@ -67,3 +67,16 @@ def test_interpreter_takes_the_first_candidate_untimed():
     key = ("unit-interpreter", 1)
     assert autotune.pick_config(key, ["first", "second"], lambda cfg: 1 / 0) == "first"
     assert autotune.tuning_log()[key]["reason"].startswith("autotune off")
+
+
+def test_close_to_reference_gates_per_config():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(1000, generator=gen)
+    slightly = ref + 1e-3 * torch.randn(1000, generator=gen)  # cosine ~ 0.9999995
+    noisy = ref + 0.03 * torch.randn(1000, generator=gen)  # cosine ~ 0.9995
+    accept = autotune.close_to_reference(lambda cfg: 0.999 if cfg == "fp8" else autotune.EXACT_MIN_COSINE,
+                                         lambda out: out[0])
+    assert accept("exact", (slightly, None), (ref, None)) is None
+    assert "cosine" in accept("exact", (noisy, None), (ref, None))
+    assert accept("fp8", (noisy, None), (ref, None)) is None
+    assert "cosine" in accept("fp8", (-ref, None), (ref, None))
