@@ -75,6 +75,16 @@ def _load_rows(base, desc, row0, n_rows, stride_row, offs_r, offs_d, MASK: tl.co
 
 
 @triton.jit
+def _gather_rows(base, rows, stride_row, offs_d, row_ok, MASK: tl.constexpr):
+    """Tile of arbitrary rows (all columns offs_d); MASK: rows with row_ok False read as zero."""
+    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+    if MASK:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _softmax_rows(x):
     """Row softmax in fp32 (the SLA feature map phi, over head_dim)."""
     x = x.to(tl.float32)
@@ -97,11 +107,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         first = offs_n < LUT_BLOCK_N
         rows = tl.where(first, kb * LUT_BLOCK_N + offs_n, kb2 * LUT_BLOCK_N + offs_n - LUT_BLOCK_N)
         col_ok = (rows < L) & (first | second_valid)
-        k_ptrs = k_base + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _gather_rows(k_base, rows, stride_kl, offs_d, col_ok, MASK)
     else:
         start_n = kb * BLOCK_N
         rows = start_n + offs_n
@@ -140,11 +146,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         acc += tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt)) * (1.0 / 448.0)
     else:
         if PAIR:
-            v_ptrs = v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :]
-            if MASK:
-                v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
+            v = _gather_rows(v_base, rows, stride_vl, offs_d, col_ok, MASK)
         else:
             v = _load_rows(v_base, desc_v, kb * BLOCK_N, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc)
