@@ -54,12 +54,15 @@ def _capturing() -> bool:
 
 def pick_config(
     key: tuple,
-    candidates: list[ConfigT],
+    candidates: list[ConfigT] | Callable[[], list[ConfigT]],
     run: Callable[[ConfigT], object],
     *,
     accept: Callable[[ConfigT, object, object], str | None] | None = None,
 ) -> ConfigT:
     """Fastest of ``candidates`` for ``key``, timed once per process with triton.testing.do_bench.
+
+    ``candidates`` may be a function building the list, called only when ``key`` is not tuned yet
+    (so a tuned call spends no host time on it).
 
     ``run(config)`` is the whole launch, must be idempotent and returns the output. ``accept(config,
     output, reference_output)`` returns None to admit a candidate or the reason to reject it; the
@@ -69,6 +72,8 @@ def pick_config(
     if key in _TUNED:
         _LAST[key[0]] = _TUNED[key]
         return _TUNED[key]  # type: ignore[return-value]
+    if callable(candidates):
+        candidates = candidates()
     if _capturing():
         _LOG[key] = {"chosen": _describe(candidates[0]), "reason": "first seen during CUDA-graph capture: untimed"}
         _LAST[key[0]] = candidates[0]

@@ -107,7 +107,7 @@ def block_sparse_attention(
 
     if config is None:
         key = ("sparse", blkq, blkk, length_bucket(q.shape[1]), q.shape[-1], q.dtype, q.device.type)
-        config = pick_config(key, sparse_candidates(blkq, blkk, q, k, v), run, accept=close_to_reference())
+        config = pick_config(key, lambda: sparse_candidates(blkq, blkk, q, k, v), run, accept=close_to_reference())
     if config.block_n not in (blkk, 2 * blkk):
         raise ValueError(f"config block_n {config.block_n} must be the LUT's key block {blkk} or twice it")
     return run(config)

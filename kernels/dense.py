@@ -53,6 +53,6 @@ def dense_attention(
 
     if config is None:
         key = ("dense", length_bucket(q.shape[1]), q.shape[-1], q.dtype, q.device.type)
-        config = pick_config(key, with_tma_twins(DENSE_CONFIGS, tma_candidates_allowed(q, k, v)), run,
+        config = pick_config(key, lambda: with_tma_twins(DENSE_CONFIGS, tma_candidates_allowed(q, k, v)), run,
                              accept=close_to_reference())
     return run(config)

@@ -220,7 +220,7 @@ def sparse_linear_attention(
     if config is None:
         key = ("sla", blkq, blkk, qk_int8, "auto" if pv_fp8 is None else bool(pv_fp8), has_linear, linear, select,
                length_bucket(L), D, q.dtype, q.device.type)
-        candidates = sparse_linear_candidates(blkq, blkk, qk_int8, pv_fp8, linear, q, k, v)
+        candidates = lambda: sparse_linear_candidates(blkq, blkk, qk_int8, pv_fp8, linear, q, k, v)  # noqa: E731
         config = pick_config(key, candidates, run, accept=_ADMIT)
     elif pv_fp8 and not config.pv_fp8:
         config = replace(config, pv_fp8=True)
