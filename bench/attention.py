@@ -66,7 +66,6 @@ from turbo_kernels.flash import (  # noqa: E402
     LinearBranch,
     QuantizedQK,
     launch_flash,
-    tma_candidates_allowed,
     with_tma_twins,
 )
 from turbo_kernels.quant import quantize_keys  # noqa: E402
@@ -82,6 +81,7 @@ from turbo_kernels.sla import (  # noqa: E402
     sparse_linear_candidates,
     sparse_linear_ref,
 )
+from turbo_kernels.tma import tma_candidates_allowed  # noqa: E402
 
 from timing import measure, sync  # noqa: E402
 

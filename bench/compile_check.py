@@ -220,7 +220,8 @@ def variants() -> list[Variant]:
         out.append(Variant(f"w8a8 {c.describe()}", _w8a8_matmul_kernel,
                            {"A": "i8", "W": "i8", "C": "bf16", "AScale": "fp32", "WScale": "fp32", "Bias": "bf16"},
                            dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, GROUP_M=c.group_m, TILE_SIZE=128,
-                                EVEN_K=True, HAS_BIAS=True, FAST_CONVERT=c.fast_convert, K_UNROLL=c.k_unroll),
+                                EVEN_K=True, HAS_BIAS=True, FAST_CONVERT=c.fast_convert, K_UNROLL=c.k_unroll,
+                                USE_TMA=c.use_tma),
                            c.num_warps, c.num_stages))
     return out
 

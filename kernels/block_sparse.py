@@ -14,7 +14,8 @@ import triton
 
 from turbo_kernels.autotune import close_to_reference, length_bucket, pick_config
 from turbo_kernels.dispatch import use_triton
-from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, tma_candidates_allowed, with_tma_twins
+from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, with_tma_twins
+from turbo_kernels.tma import tma_candidates_allowed
 
 SPARSE_CONFIGS: dict[tuple[int, int], list[FlashConfig]] = {
     (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 5), FlashConfig(128, 128, 8, 3)],

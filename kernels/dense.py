@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from turbo_kernels.autotune import close_to_reference, length_bucket, pick_config
 from turbo_kernels.dispatch import use_triton
-from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, tma_candidates_allowed, with_tma_twins
+from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, with_tma_twins
+from turbo_kernels.tma import tma_candidates_allowed
 
 DENSE_CONFIGS = [
     FlashConfig(128, 128, num_warps=8, num_stages=3),

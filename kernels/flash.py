@@ -29,7 +29,6 @@ neighbouring programs share a head and its K/V stays in L2.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +36,7 @@ import triton
 import triton.language as tl
 
 from turbo_kernels.convert import int32_to_float_exact
-from turbo_kernels.dispatch import interpreting
+from turbo_kernels.tma import ensure_tma_allocator, tma_mode, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -361,42 +360,6 @@ def _strides_bhld(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1)
 
 
-def _tma_ready(*tensors: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases, unit inner stride and 16-byte multiple outer strides."""
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any((s * size) % 16 for s in t.stride()[:-1]):
-            return False
-    return True
-
-
-_ALLOCATOR_SET = False
-
-
-def _ensure_tma_allocator() -> None:
-    """On-device tensor descriptors need a scratch allocator (set once, CUDA only)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET and not interpreting():
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-def tma_mode() -> str | None:
-    """TURBO_KERNELS_TMA=1 forces TMA descriptors on every launch, =0 forces plain pointers (and
-    keeps TMA out of the autotuner's candidates); unset, each config's use_tma decides."""
-    value = os.environ.get("TURBO_KERNELS_TMA", "")
-    return {"1": "on", "0": "off"}.get(value)
-
-
-def tma_candidates_allowed(*tensors: torch.Tensor) -> bool:
-    """Whether the autotuners should try TMA configs: Hopper or newer, aligned operands, not forced off."""
-    if tma_mode() == "off" or interpreting() or not all(t.is_cuda for t in tensors):
-        return False
-    return torch.cuda.get_device_capability(tensors[0].device)[0] >= 9 and _tma_ready(*tensors)
-
-
 def with_tma_twins(configs: list[FlashConfig], tma: bool, lut_block_n: int | None = None) -> list[FlashConfig]:
     """``configs`` plus, when ``tma``, a TMA copy of each config that loads one key block per step."""
     out = list(configs)
@@ -488,12 +451,12 @@ def launch_flash(
         raise ValueError("the paper's SLA variant (linear over unselected blocks) needs bf16/fp16 PV, not FP8")
 
     mode = tma_mode()
-    use_tma = (config.use_tma or mode == "on") and mode != "off" and _tma_ready(q_op, k_op, v_op, out)
+    use_tma = (config.use_tma or mode == "on") and mode != "off" and tma_ready(q_op, k_op, v_op, out)
     if use_tma and bn != lut_block_n:
         raise ValueError("TMA loads one contiguous key block per step; the two-block walk (block_n = 2 x the "
                          "LUT's key block) needs plain pointers")
     if use_tma:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     grid = (triton.cdiv(L, bm), B * H)
     _flash_fwd[grid](
         q_op, k_op, v_op, out,  #

@@ -42,11 +42,11 @@ from turbo_kernels.flash import (
     QuantizedQK,
     check_qkv,
     launch_flash,
-    tma_candidates_allowed,
     with_tma_twins,
 )
 from turbo_kernels.quant import LN2, dequantize_qk, quantize_keys, quantize_qk_ref
 from turbo_kernels.registry import AttentionMetadata, register_attention_backend
+from turbo_kernels.tma import tma_candidates_allowed
 
 LINEAR_EPS = 1e-5
 LINEAR_MODES = ("all", "unselected")

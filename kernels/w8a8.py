@@ -26,6 +26,7 @@ import triton.language as tl
 from turbo_kernels.autotune import close_to_reference, pick_config
 from turbo_kernels.convert import int32_to_float_exact, round_to_int8
 from turbo_kernels.dispatch import use_triton
+from turbo_kernels.tma import ensure_tma_allocator, tma_candidates_allowed, tma_ready
 
 TILE = 128
 
@@ -145,7 +146,7 @@ def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
                         M, N, K, stride_am, stride_wn, stride_cm,  #
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,  #
                         TILE_SIZE: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,  #
-                        FAST_CONVERT: tl.constexpr, K_UNROLL: tl.constexpr):
+                        FAST_CONVERT: tl.constexpr, K_UNROLL: tl.constexpr, USE_TMA: tl.constexpr):
     # A block inside one 128x128 scale tile needs one scale per K step (a single FMA per element
     # to dequantise); larger blocks take per-row / per-column scale vectors.
     SCALAR_SCALES: tl.constexpr = BLOCK_M <= TILE_SIZE and BLOCK_N <= TILE_SIZE
@@ -175,26 +176,36 @@ def _w8a8_matmul_kernel(A, W, C, AScale, WScale, Bias,  #
         a_scale_ptrs = AScale + (a_rows // TILE_SIZE) * k_tiles
         w_scale_ptrs = WScale + (w_rows // TILE_SIZE) * k_tiles
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # K_UNROLL fresh dots per iteration: the second MMA can run while the first one's int32 result
-    # is converted and scaled (each K tile has its own scales, so the int32 sums cannot chain).
-    k_main = 0
-    if EVEN_K:
-        k_main = k_tiles - k_tiles % K_UNROLL
-    for kt in tl.range(0, k_main, K_UNROLL):
-        for u in tl.static_range(K_UNROLL):
-            part = tl.dot(tl.load(a_ptrs + u * TILE_SIZE), tl.trans(tl.load(w_ptrs + u * TILE_SIZE)))
-            acc = _scale_add(acc, _int32_to_float(part, FAST_CONVERT), a_scale_ptrs, w_scale_ptrs, kt + u,
-                             SCALAR_SCALES)
-        a_ptrs += K_UNROLL * TILE_SIZE
-        w_ptrs += K_UNROLL * TILE_SIZE
-    for kt in tl.range(k_main, k_tiles):
-        k_left = K - kt * TILE_SIZE
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        part = tl.dot(a, tl.trans(w))
-        acc = _scale_add(acc, _int32_to_float(part, FAST_CONVERT), a_scale_ptrs, w_scale_ptrs, kt, SCALAR_SCALES)
-        a_ptrs += TILE_SIZE
-        w_ptrs += TILE_SIZE
+    # USE_TMA: operands through tensor descriptors (async copies on mbarriers instead of cp.async
+    # with a CTA barrier per K step; out-of-range rows and K columns read as zeros).
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(A, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, TILE_SIZE])
+        w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, TILE_SIZE])
+        for kt in tl.range(0, k_tiles):
+            part = tl.dot(a_desc.load([pid_m * BLOCK_M, kt * TILE_SIZE]),
+                          tl.trans(w_desc.load([pid_n * BLOCK_N, kt * TILE_SIZE])))
+            acc = _scale_add(acc, _int32_to_float(part, FAST_CONVERT), a_scale_ptrs, w_scale_ptrs, kt, SCALAR_SCALES)
+    else:
+        # K_UNROLL fresh dots per iteration: the second MMA can run while the first one's int32
+        # result is converted and scaled (each K tile has its own scales, so int32 sums cannot chain).
+        k_main = 0
+        if EVEN_K:
+            k_main = k_tiles - k_tiles % K_UNROLL
+        for kt in tl.range(0, k_main, K_UNROLL):
+            for u in tl.static_range(K_UNROLL):
+                part = tl.dot(tl.load(a_ptrs + u * TILE_SIZE), tl.trans(tl.load(w_ptrs + u * TILE_SIZE)))
+                acc = _scale_add(acc, _int32_to_float(part, FAST_CONVERT), a_scale_ptrs, w_scale_ptrs, kt + u,
+                                 SCALAR_SCALES)
+            a_ptrs += K_UNROLL * TILE_SIZE
+            w_ptrs += K_UNROLL * TILE_SIZE
+        for kt in tl.range(k_main, k_tiles):
+            k_left = K - kt * TILE_SIZE
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            part = tl.dot(a, tl.trans(w))
+            acc = _scale_add(acc, _int32_to_float(part, FAST_CONVERT), a_scale_ptrs, w_scale_ptrs, kt, SCALAR_SCALES)
+            a_ptrs += TILE_SIZE
+            w_ptrs += TILE_SIZE
     if HAS_BIAS:
         acc += tl.load(Bias + w_rows).to(tl.float32)[None, :]
     tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty),
@@ -222,10 +233,12 @@ class GemmConfig:
     fast_convert: bool = True
     """int32 -> fp32 by exact adds instead of I2F (`turbo_kernels.convert.int32_to_float_exact`)."""
     k_unroll: int = 1
-    """K tiles per loop iteration (fresh dots issued back to back)."""
+    """K tiles per loop iteration (fresh dots issued back to back; pointer loads only)."""
+    use_tma: bool = False
 
     def describe(self) -> str:
         extra = ("" if self.fast_convert else "/i2f") + (f"/u{self.k_unroll}" if self.k_unroll > 1 else "")
+        extra += "+tma" if self.use_tma else ""
         return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}/g{self.group_m}{extra}"
 
 
@@ -235,10 +248,13 @@ GEMM_CONFIGS = [
     GemmConfig(128, 128, 8, 4),
     GemmConfig(128, 128, 8, 5),
     GemmConfig(128, 128, 8, 3, k_unroll=2),
+    GemmConfig(128, 128, 8, 4, use_tma=True),
+    GemmConfig(128, 128, 8, 5, use_tma=True),
 ]
 """Autotune candidates. The first is the H200 run's winner (I2F conversion), kept as the
 baseline; the others convert with integer adds, with 3-5 stages, and one issues two K tiles'
-MMAs per iteration. 128x256 and 256x128 hold two 128-register accumulators per thread (255
+MMAs per iteration; the last two load through TMA descriptors (Hopper, `gemm_candidates` drops
+them elsewhere). 128x256 and 256x128 hold two 128-register accumulators per thread (255
 registers) and never won on the H200; any block_m / block_n that is a multiple or divisor of the
 128 tile still runs."""
 
@@ -258,6 +274,12 @@ def quantize_tiles_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     launch = QUANT_LAUNCH if x.is_cuda else {"num_warps": QUANT_LAUNCH["num_warps"]}
     _quantize_tiles_kernel[scale.shape](x, q, scale, rows, cols, x.stride(0), q.stride(0), TILE_SIZE=TILE, **launch)
     return q, scale
+
+
+def gemm_candidates(*operands: torch.Tensor) -> list[GemmConfig]:
+    """GEMM_CONFIGS, without the TMA ones where TMA is unavailable (not Hopper, unaligned, off)."""
+    tma = tma_candidates_allowed(*operands)
+    return [c for c in GEMM_CONFIGS if tma or not c.use_tma]
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,19 +315,22 @@ def w8a8_matmul(
     def run(cfg: GemmConfig) -> torch.Tensor:
         out = torch.empty(M, N, device=x_int8.device, dtype=out_dtype)
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+        use_tma = cfg.use_tma and tma_ready(x_int8, int8_weight)
+        if use_tma:
+            ensure_tma_allocator()
         _w8a8_matmul_kernel[grid](
             x_int8, int8_weight, out, x_scale, scale, bias if bias is not None else scale,  #
             M, N, K, x_int8.stride(0), int8_weight.stride(0), out.stride(0),  #
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, TILE_SIZE=TILE,  #
             EVEN_K=K % TILE == 0, HAS_BIAS=bias is not None,  #
-            FAST_CONVERT=cfg.fast_convert, K_UNROLL=cfg.k_unroll,  #
+            FAST_CONVERT=cfg.fast_convert, K_UNROLL=1 if use_tma else cfg.k_unroll, USE_TMA=use_tma,  #
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
 
     if config is None:
         key = ("w8a8", 1 << max(0, (M - 1).bit_length()), N, K, out_dtype, x_int8.device.type)
-        config = pick_config(key, GEMM_CONFIGS, run, accept=close_to_reference())
+        config = pick_config(key, lambda: gemm_candidates(x_int8, int8_weight), run, accept=close_to_reference())
     return run(config)
 
 
