@@ -244,7 +244,6 @@ class GemmConfig:
 
 GEMM_CONFIGS = [
     GemmConfig(128, 128, 8, 4, fast_convert=False),
-    GemmConfig(128, 128, 8, 3),
     GemmConfig(128, 128, 8, 4),
     GemmConfig(128, 128, 8, 5),
     GemmConfig(128, 128, 8, 3, k_unroll=2),
@@ -252,11 +251,11 @@ GEMM_CONFIGS = [
     GemmConfig(128, 128, 8, 5, use_tma=True),
 ]
 """Autotune candidates. The first is the H200 run's winner (I2F conversion), kept as the
-baseline; the others convert with integer adds, with 3-5 stages, and one issues two K tiles'
-MMAs per iteration; the last two load through TMA descriptors (Hopper, `gemm_candidates` drops
-them elsewhere). 128x256 and 256x128 hold two 128-register accumulators per thread (255
-registers) and never won on the H200; any block_m / block_n that is a multiple or divisor of the
-128 tile still runs."""
+baseline; the others convert with float adds (4 or 5 stages; 3 lost to 4 at 14B on the H200),
+one issues two K tiles' MMAs per iteration, and the last two load through TMA descriptors
+(Hopper only: `gemm_candidates`). 128x256 and 256x128 hold two 128-register accumulators per
+thread (255 registers) and never won on the H200; any block_m / block_n that is a multiple or
+divisor of the 128 tile still runs."""
 
 
 QUANT_LAUNCH = {"num_warps": 8, "maxnreg": 64}

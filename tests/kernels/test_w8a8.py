@@ -59,10 +59,12 @@ def test_triton_linear_matches_reference(m, k, n, config):
 
 
 @pytest.mark.parametrize("config", [GemmConfig(128, 128, 4, 2, fast_convert=False), GemmConfig(128, 128, 4, 2),
-                                    GemmConfig(128, 128, 4, 2, k_unroll=2), GemmConfig(64, 128, 4, 2, k_unroll=2)])
+                                    GemmConfig(128, 128, 4, 2, k_unroll=2), GemmConfig(64, 128, 4, 2, k_unroll=2),
+                                    GemmConfig(128, 128, 4, 2, use_tma=True)])
 def test_gemm_variants_agree_exactly(config):
     """Integer-add conversion and unrolled K steps change no bit, also at the int32 extremes
-    (|sum| = 128 * 127 * 128 per K tile) and with an odd K-tile count or a ragged K."""
+    (|sum| = 128 * 127 * 128 per K tile), with an odd K-tile count or a ragged K, and through TMA
+    descriptors (whose out-of-range rows and columns read as zeros)."""
     gen = torch.Generator().manual_seed(8)
     for k in (384, 320):
         xq = torch.randint(-127, 128, (130, k), generator=gen, dtype=torch.int8)
