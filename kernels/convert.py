@@ -11,9 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAGIC_F32 = 12582912.0
+MAGIC_F32 = tl.constexpr(12582912.0)
 """1.5 * 2**23: fp32 numbers in [2**23, 2**24) are the integers, one per bit pattern."""
-MAGIC_BITS = 0x4B400000
+MAGIC_BITS = tl.constexpr(0x4B400000)
 """The fp32 bit pattern of MAGIC_F32."""
 
 
@@ -21,7 +21,7 @@ MAGIC_BITS = 0x4B400000
 def int32_to_float_exact(x):
     """int32 -> fp32 for |x| < 2**22 (an int8 x int8 dot over up to 256 terms): integer add and
     float subtract instead of I2F."""
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return (x + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_F32
 
 
 @triton.jit
@@ -29,4 +29,4 @@ def round_to_int8(y):
     """int8 of fp32 y in [-127, 127], rounded half to even (torch.round's rule): adding
     1.5 * 2**23 rounds y to an integer in the FPU's round-to-nearest-even mode and leaves it in
     the low bits, so no F2I is needed."""
-    return ((y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
+    return ((y + MAGIC_F32).to(tl.int32, bitcast=True) - MAGIC_BITS).to(tl.int8)

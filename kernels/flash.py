@@ -8,8 +8,8 @@ inner loop (and one place to tune it):
   selected, is always the LUT's last entry: the loop runs unmasked and only that block is masked.
 - ``QK_INT8`` (Sage): Q and K arrive as int8 with one fp32 scale per block; Q already carries
   sm_scale*log2(e), so the int32 dot times q_scale*k_scale is the log2-domain logit. The int32
-  tile becomes fp32 by exact adds, not I2F (`turbo_kernels.convert`): I2F runs at the MUFU rate
-  on Hopper and would cost as much as the softmax's exp2.
+  tile becomes fp32 by an exact integer add, not I2F (`turbo_kernels.convert`): I2F runs at the
+  MUFU rate on Hopper and would cost as much as the softmax's exp2.
 - ``PV_FP8``: V arrives as float8 e4m3, pre-transposed to (B, H, D, L_pad) with one scale per
   channel (the Hopper FP8 MMA wants V K-major). Every block's P@V is a fresh ``tl.dot`` scaled
   into the fp32 accumulator (two-level accumulation: the FP8 MMA accumulator has only ~22 bits).
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turbo_kernels.convert import int32_to_float_exact
+from turbo_kernels.convert import MAGIC_BITS, MAGIC_F32
 from turbo_kernels.tma import ensure_tma_allocator, tma_mode, tma_ready
 
 LOG2E = 1.4426950408889634
@@ -74,9 +74,15 @@ def _load_rows(base, desc, row0, n_rows, stride_row, offs_r, offs_d, MASK: tl.co
 
 
 @triton.jit
-def _gather_rows(base, rows, stride_row, offs_d, row_ok, MASK: tl.constexpr):
-    """Tile of arbitrary rows (all columns offs_d); MASK: rows with row_ok False read as zero."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+def _gather_pair(base, kb, kb2, first, local, stride_row, offs_d, row_ok,
+                 LUT_BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Rows of key blocks kb (where ``first``) and kb2 side by side, ``local`` the row inside its
+    block: two 64-bit block bases picked per row, 32-bit offsets inside the block (the 64-bit
+    multiply per row cost as many IMADs as the tile has rows per thread). MASK: rows with row_ok
+    False read as zero."""
+    block_base = tl.where(first, base + (kb * LUT_BLOCK_N).to(tl.int64) * stride_row,
+                          base + (kb2 * LUT_BLOCK_N).to(tl.int64) * stride_row)
+    ptrs = block_base[:, None] + (local * stride_row)[:, None] + offs_d[None, :]
     if MASK:
         return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
@@ -104,9 +110,10 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
     an absent second half."""
     if PAIR:
         first = offs_n < LUT_BLOCK_N
-        rows = tl.where(first, kb * LUT_BLOCK_N + offs_n, kb2 * LUT_BLOCK_N + offs_n - LUT_BLOCK_N)
+        local = tl.where(first, offs_n, offs_n - LUT_BLOCK_N)
+        rows = tl.where(first, kb * LUT_BLOCK_N, kb2 * LUT_BLOCK_N) + local
         col_ok = (rows < L) & (first | second_valid)
-        k = _gather_rows(k_base, rows, stride_kl, offs_d, col_ok, MASK)
+        k = _gather_pair(k_base, kb, kb2, first, local, stride_kl, offs_d, col_ok, LUT_BLOCK_N, MASK)
     else:
         start_n = kb * BLOCK_N
         rows = start_n + offs_n
@@ -114,23 +121,28 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     if QK_INT8:
-        qk = int32_to_float_exact(qk)  # |q.k| <= 256 * 127 * 127 < 2**22: no I2F next to the EX2s
+        # |q.k| <= 256 * 127 * 127 < 2**22, so the int32 tile plus 1.5 * 2**23 is that float
+        # exactly (no I2F, which runs at the EX2s' rate); the logit is (qk - 1.5 * 2**23) * scale,
+        # and the constant's share goes into the per-row exponent offset (one FFMA per element).
+        qk = (qk + MAGIC_BITS).to(tl.float32, bitcast=True)
         if PAIR:
             scale = scale_q * tl.where(first, tl.load(KScale + kb), tl.load(KScale + kb2))
         else:
             scale = scale_q * tl.load(KScale + kb)
+        offset = -MAGIC_F32 * scale
     else:
         scale = scale_q
+        offset = 0.0
     if MASK:
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
     if PAIR and QK_INT8:
         # One scale per column: scale the tile once, then it is the log2-domain logit.
-        qk = qk * scale[None, :]
+        qk = qk * scale[None, :] + offset[None, :]
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_ij[:, None])
     else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * scale)
-        p = tl.math.exp2(qk * scale - m_ij[:, None])
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * scale + offset)
+        p = tl.math.exp2(qk * scale - (m_ij - offset)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -145,7 +157,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         acc += tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt)) * (1.0 / 448.0)
     else:
         if PAIR:
-            v = _gather_rows(v_base, rows, stride_vl, offs_d, col_ok, MASK)
+            v = _gather_pair(v_base, kb, kb2, first, local, stride_vl, offs_d, col_ok, LUT_BLOCK_N, MASK)
         else:
             v = _load_rows(v_base, desc_v, kb * BLOCK_N, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc)
