@@ -11,6 +11,7 @@ cores run at twice the bf16 rate, and sagesla uses TurboDiffusion's sm90 geometr
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -29,6 +30,19 @@ SAGE_DENSE_CONFIGS = [
     FlashConfig(128, 128, num_warps=8, num_stages=3),
 ]
 """Autotune candidates of dense Sage; Q/K quantisation blocks follow the tile (block_m, block_n)."""
+
+
+PV_MODES = {"auto": None, "bf16": False, "fp8": True}
+"""TURBO_KERNELS_SAGE_PV values: the P@V precision sagesla uses when the caller does not pin it."""
+
+
+def sage_pv_mode() -> bool | None:
+    """TURBO_KERNELS_SAGE_PV=bf16|fp8 pins sagesla's P@V precision (the DiT's backend call has no
+    option for it); auto (default) leaves it to the autotuner's gated choice."""
+    value = os.environ.get("TURBO_KERNELS_SAGE_PV", "auto")
+    if value not in PV_MODES:
+        raise ValueError(f"TURBO_KERNELS_SAGE_PV must be one of {sorted(PV_MODES)}, got {value!r}")
+    return PV_MODES[value]
 
 
 def sagesla_geometry(device: torch.device) -> tuple[int, int]:
@@ -96,9 +110,12 @@ def sagesla_attention(
 ) -> torch.Tensor:
     """SLA with Sage's INT8 QK^T in the sparse branch; geometry (blkq, blkk) defaults per GPU.
 
-    pv_fp8 None (the default): the autotuner picks bf16 or FP8 P@V per shape where the GPU has
-    FP8 MMAs, FP8 only if it keeps cosine >= `turbo_kernels.sla.PV_FP8_MIN_COSINE` to bf16 P@V."""
+    pv_fp8 None (the default): `sage_pv_mode` decides; unless pinned there, the autotuner picks
+    bf16 or FP8 P@V per shape where the GPU has FP8 MMAs, FP8 only if it keeps cosine >=
+    `turbo_kernels.sla.PV_FP8_MIN_COSINE` to bf16 P@V."""
     blkq, blkk = geometry or sagesla_geometry(q.device)
+    if pv_fp8 is None:
+        pv_fp8 = sage_pv_mode()
     return sparse_linear_attention(q, k, v, topk, proj_l, blkq=blkq, blkk=blkk, linear=linear, qk_int8=True,
                                    pv_fp8=pv_fp8, scale=scale, config=config)
 
