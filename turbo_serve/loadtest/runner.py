@@ -62,7 +62,12 @@ class StatusSampler:
 
     def __init__(self, host: str, headers: dict[str, str], path: Path, period_s: float, local_gpu: bool):
         self._client = httpx.Client(base_url=host, headers=headers, timeout=max(5.0, period_s))
-        self._path, self._period_s, self._local_gpu = path, period_s, local_gpu
+        self._path, self._period_s = path, period_s
+        self._nvml = None
+        if local_gpu:
+            from turbo_serve.metrics.nvml import Nvml
+
+            self._nvml = Nvml()
         self.samples: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status-sampler", daemon=True)
@@ -75,6 +80,8 @@ class StatusSampler:
         self._stop.set()
         self._thread.join(timeout=30)
         self._client.close()
+        if self._nvml is not None:
+            self._nvml.close()
 
     def _run(self) -> None:
         with self._path.open("a") as out:
@@ -94,23 +101,21 @@ class StatusSampler:
                 return {**sample, "error": f"{response.status_code}: {status.get('error', {}).get('message')}"}
         except (httpx.HTTPError, ValueError) as error:
             return {**sample, "error": f"{type(error).__name__}: {error}"}
-        gpus = self._local_gpus() if self._local_gpu else status.get("gpus", {})
-        devices = gpus.get("devices") or []
+        if self._nvml is not None:
+            devices = [(r.utilization_percent, r.memory_used_bytes) for r in self._nvml.read()]
+        else:
+            devices = [(d["utilization_percent"], d["memory_used_bytes"]) for d in status.get("gpus", {}).get("devices", [])]
+        utilization = [u for u, _ in devices if u is not None]
+        memory = [m for _, m in devices if m is not None]
         sample.update(
             queue_depth=status["queue_depth"],
             running=status["running"],
             jobs=status["jobs"],
             replicas={name: d.get("replicas", {}).get("RUNNING", 0) for name, d in status.get("deployments", {}).items()},
-            gpu_util=sum(d["utilization_percent"] for d in devices) / len(devices) if devices else None,
-            gpu_memory_used_gib=sum(d["memory_used_bytes"] for d in devices) / 2**30 if devices else None,
+            gpu_util=sum(utilization) / len(utilization) if utilization else None,
+            gpu_memory_used_gib=sum(memory) / 2**30 if memory else None,
         )
         return sample
-
-    @staticmethod
-    def _local_gpus() -> dict[str, Any]:
-        from turbo_serve.serving.gpu import gpu_snapshot
-
-        return gpu_snapshot()
 
 
 def locust_command(args: argparse.Namespace, out: Path, drain_s: float) -> list[str]:
