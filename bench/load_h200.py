@@ -15,7 +15,7 @@ num_gpus) with Wan2.1 1.3B random weights, then, each phase guarded and under on
 Writes bench/results/load_h200.json (rewritten after every phase) and load_h200.png (latency,
 throughput, queue depth, replicas and GPU utilization across the steady and overload phases).
 
-    python bench/load_h200.py                                  # H200: ~3 min with Ray start
+    python bench/load_h200.py                                  # H200: about 3 min with Ray start
     python bench/load_h200.py --smoke --out /tmp/load.json     # CPU, tiny model, seconds per phase
 """
 
@@ -49,10 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--slo-s", type=float, default=30.0)
     parser.add_argument("--max-queued-jobs", type=int, default=12, help="admission limit (unfinished jobs)")
     parser.add_argument("--capacity-jobs", type=int, default=8)
-    parser.add_argument("--steady-s", type=float, default=40.0)
+    parser.add_argument("--steady-s", type=float, default=35.0)
     parser.add_argument("--steady-load", type=float, default=0.8, help="steady arrival rate / capacity")
-    parser.add_argument("--overload-s", type=float, default=30.0)
-    parser.add_argument("--time-budget-s", type=float, default=180.0, help="phases that would end past it are skipped")
+    parser.add_argument("--overload-s", type=float, default=25.0)
+    parser.add_argument("--time-budget-s", type=float, default=240.0, help="phases that would end past it are skipped")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "load_h200.json")
     args = parser.parse_args(argv)
     # bench/serve.py's settings_for reads these
@@ -140,7 +140,7 @@ def run_load(url: str, profile: Path, out: Path, *, rate: float, duration_s: flo
         raise RuntimeError(f"turbo-serve loadtest exited {code}; see {out / 'locust.log'}")
     summary = json.loads((out / "summary.json").read_text())
     summary.pop("files", None)  # machine paths
-    summary.pop("command", None)
+    summary.pop("arguments", None)
     return summary
 
 

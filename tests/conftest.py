@@ -23,6 +23,13 @@ import pytest  # noqa: E402
 from serving_support import ServedApp, free_port  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Tests on the shared `served_app` run last, in their usual order: its Ray cluster lives until
+    the session ends, and tests that start a Ray of their own in this process (tests/metrics) or
+    expect none (the local metrics backend) must have run by then."""
+    items.sort(key=lambda item: "served_app" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def served_app(tmp_path_factory) -> ServedApp:
     """The application on a real Ray cluster on the CPU. The deployments ask for fractional GPUs as

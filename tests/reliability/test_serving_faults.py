@@ -52,6 +52,7 @@ def wait_progress(http, video_id: str, above: int, timeout_s: float = 120.0) -> 
 
 def test_killed_replicas_and_an_ingress_restart_lose_no_job(served_app):
     with served_app.client() as http:
+        wait_recovered(http)  # earlier tests killed replicas too
         before = settle(http)["jobs"]
         bodies = [STEADY, QUICK, STEADY, QUICK, STEADY, QUICK]
         ids = []

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "host": args.host,
         "shape": profile.shape.kind,
         "rate_per_min": rate,
-        "command": " ".join(["turbo-serve", "loadtest", *sys.argv[2:]]) if sys.argv[1:2] == ["loadtest"] else None,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"},
         "locust_exit_code": process.returncode,
         **summarize(jobs, sampler.samples, slo_s=slo_s, arrival_s=args.duration, started_at=started),
         "files": {name: str(out / name) for name in ("jobs.jsonl", "status.jsonl", "locust_stats.csv",
