@@ -1,0 +1,94 @@
+"""Ulysses sequence parallelism and CFG parallelism on gloo processes against the single-process model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel_support import (
+    DIT_CASES,
+    dit_outputs,
+    guided_spec,
+    parallel_rank,
+    rcm_spec,
+    stage_config,
+    stage_inputs,
+    tiny_dit,
+)
+from turbo_serve.parallel.distributed import ParallelConfig, check_sequence_parallel, head_divisors
+from turbo_serve.parallel.local import run_ranks
+from turbo_serve.pipeline.stages import DenoiseStage
+
+LAYOUTS = {"sp2": ParallelConfig(sequence_parallel=2), "cfg2": ParallelConfig(cfg_parallel=True)}
+STOP_AFTER = 2
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, tmp_path_factory):
+    parallel = LAYOUTS[request.param]
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return parallel, run_ranks(parallel_rank, parallel.world_size, parallel, cache, STOP_AFTER, timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def reference_dit_outputs():
+    return dit_outputs(tiny_dit())
+
+
+@pytest.fixture(scope="module")
+def reference_stage(tmp_path_factory):
+    return DenoiseStage(stage_config(str(tmp_path_factory.mktemp("cache"))))
+
+
+def test_parallel_denoiser_matches_single_process(layout, reference_stage):
+    parallel, ranks = layout
+    text, negative = stage_inputs()
+    expected_rcm = reference_stage(rcm_spec(), text)
+    expected_guided = reference_stage(guided_spec(), text, negative_text=negative)
+    for rank in ranks:
+        torch.testing.assert_close(rank["rcm"], expected_rcm, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rank["guided"], expected_guided, atol=1e-4, rtol=1e-4)
+
+
+def test_every_rank_stops_at_the_leaders_step(layout):
+    _, ranks = layout
+    assert [rank["cancelled"] for rank in ranks] == [f"cancelled before step {STOP_AFTER + 1} of 4"] * len(ranks)
+    assert ranks[0]["steps"] == [1, 2, 3, 4, *range(1, STOP_AFTER + 1)]
+    assert all(rank["steps"] == [] for rank in ranks[1:])  # progress is the leader's to report
+
+
+@pytest.mark.parametrize("case", range(len(DIT_CASES)), ids=[f"{b}-{g}-B{n}" for b, g, n in DIT_CASES])
+def test_sequence_parallel_dit_matches_single_process(layout, reference_dit_outputs, case):
+    parallel, ranks = layout
+    if parallel.sequence_parallel == 1:
+        pytest.skip("no sequence group in this layout")
+    for rank in ranks:
+        torch.testing.assert_close(rank["dit"][case], reference_dit_outputs[case], atol=2e-5, rtol=1e-4)
+
+
+def test_each_layer_exchanges_qkv_once_and_the_output_once(layout, reference_dit_outputs):
+    parallel, ranks = layout
+    if parallel.sequence_parallel == 1:
+        pytest.skip("no sequence group in this layout")
+    # Two all-to-alls per layer (q/k/v stacked in, the output back), two layers, every case.
+    assert [rank["all_to_alls"] for rank in ranks] == [2 * 2 * len(DIT_CASES)] * 2
+    for rank in ranks:  # hooks removed: the single-process model again, bit for bit
+        for got, expected in zip(rank["dit_after_remove"], reference_dit_outputs):
+            torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_rank_layout_puts_cfg_branches_across_sequence_groups():
+    both = ParallelConfig(sequence_parallel=4, cfg_parallel=True)
+    assert both.world_size == 8
+    assert [both.sequence_ranks(c) for c in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [both.cfg_ranks(i) for i in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    with pytest.raises(ValueError, match="sequence_parallel must be >= 1"):
+        ParallelConfig(sequence_parallel=0)
+
+
+def test_head_count_errors_list_the_valid_degrees():
+    assert head_divisors(12) == [1, 2, 3, 4, 6, 12]
+    assert head_divisors(40) == [1, 2, 4, 5, 8, 10, 20, 40]
+    with pytest.raises(ValueError, match=r"sequence_parallel=5 must divide the model's num_heads=12.*valid: 1, 2, 3, 4, 6, 12"):
+        check_sequence_parallel(5, 12)
+    check_sequence_parallel(8, 40)
