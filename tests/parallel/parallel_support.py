@@ -17,7 +17,7 @@ from turbo_serve.pipeline.stages import GenerationCancelled, PipelineConfig
 TINY = get_preset("tiny-t2v").dit
 
 DIT_CASES = (
-    # (attention backend, latent T x H x W, batch): grids give 105 and 231 tokens, odd, so 2 ranks pad.
+    # (attention backend, latent T x H x W, batch): 105 and 231 tokens, odd, so 2 ranks pad.
     ("original", (3, 10, 14), 1),
     ("original", (3, 10, 14), 2),
     ("sla", (3, 14, 22), 1),
@@ -25,11 +25,13 @@ DIT_CASES = (
 
 
 def tiny_dit() -> torch.nn.Module:
-    """The tiny DiT with seeded weights and a nonzero SLA proj_l, so the linear branch counts too."""
+    """The tiny DiT with seeded weights, self-attention gates large enough that attention visibly
+    moves the output, and a nonzero SLA proj_l, so the linear branch counts too."""
     dit = load_dit(None, TINY, dtype=torch.float32, seed=0)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for block in dit.blocks:
+            block.modulation.normal_(0.0, 0.5, generator=generator)
             block.self_attn.proj_l.weight.normal_(0.0, 0.2, generator=generator)
             block.self_attn.proj_l.bias.normal_(0.0, 0.2, generator=generator)
     return dit
@@ -37,8 +39,7 @@ def tiny_dit() -> torch.nn.Module:
 
 def dit_inputs(grid: tuple[int, int, int], batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(sum(grid) + batch)
-    t, h, w = grid
-    x = torch.randn(batch, TINY.in_dim, t, 2 * h, 2 * w, generator=generator)
+    x = torch.randn(batch, TINY.in_dim, *grid, generator=generator)
     timestep = torch.linspace(900.0, 300.0, batch)
     context = torch.randn(batch, 7, TINY.text_dim, generator=generator)
     return x, timestep, context
