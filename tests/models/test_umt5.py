@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import UMT5ForConditionalGeneration
 
 from turbo_serve.models.configs import UMT5Config, get_preset
-from turbo_serve.models.loading_vae_text import CheckpointKeyError, load_text_encoder
+from turbo_serve.models.checkpoint import CheckpointKeyError
+from turbo_serve.models.loading_vae_text import load_text_encoder
 from turbo_serve.models.tokenizer import ensure_tiny_tokenizer, train_tiny_spiece
 from turbo_serve.models.umt5 import clean_prompt, hf_umt5_config, load_umt5_tokenizer
 

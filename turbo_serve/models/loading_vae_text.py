@@ -7,14 +7,11 @@ seq2seq) or Wan's `models_t5_umt5-xxl-enc-bf16.pth`.
 `None` gives seeded random weights (tiny presets, benchmarks). Every path checks keys and shapes
 strictly and names what is missing and unexpected.
 
-The generic file helpers (`read_state_dict`, `read_checkpoint_folder`, `check_state_dict`,
-`init_random_weights_`) do not know about any model; they are meant to merge with the DiT loader's
-checkpoint module.
+Files are found and read by `turbo_serve.models.checkpoint`, shared with the DiT loader.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -23,96 +20,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from turbo_serve.models.checkpoint import check_keys, check_shapes, open_state_dict, resolve_checkpoint
 from turbo_serve.models.configs import UMT5Config, WanVAEConfig
 from turbo_serve.models.umt5 import UMT5TextEncoder, build_umt5_encoder, load_umt5_tokenizer
 from turbo_serve.models.wan_vae import WanVAE
 
 StateDict = dict[str, torch.Tensor]
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | None
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class CheckpointKeyError(ValueError):
-    """A checkpoint's tensors do not match the model's (missing, unexpected or wrongly shaped keys)."""
-
-    def __init__(self, what: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        parts = [f"{what}: checkpoint does not match the model"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-                parts.append(f"{len(keys)} {label} keys: {shown}")
-        super().__init__("; ".join(parts))
-
-
-# -- generic helpers -----------------------------------------------------------------------------
-
-
-def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Tensors of one .safetensors or torch (.pth/.pt/.bin/.ckpt) file, on the CPU (memory-mapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    if path.suffix in _TORCH_SUFFIXES:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{str(path)!r} does not hold a flat state dict of tensors")
-        return dict(state)
-    valid = ", ".join((".safetensors", *_TORCH_SUFFIXES))
-    raise ValueError(f"unsupported checkpoint suffix {path.suffix!r}; valid: {valid}")
-
-
-def read_checkpoint_folder(folder: str | os.PathLike, stems: tuple[str, ...]) -> StateDict:
-    """Tensors of an HF-style folder: `<stem>.safetensors`, a sharded `<stem>.safetensors.index.json`
-    (or their .bin twins), trying each stem in order."""
-    folder = Path(folder)
-    for stem in stems:
-        for suffix in (".safetensors", ".bin"):
-            index = folder / f"{stem}{suffix}.index.json"
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                state: StateDict = {}
-                for shard in shards:
-                    state.update(read_state_dict(folder / shard))
-                return state
-            single = folder / f"{stem}{suffix}"
-            if single.is_file():
-                return read_state_dict(single)
-    names = ", ".join(f"{s}.safetensors" for s in stems)
-    raise ValueError(f"{str(folder)!r} holds no weights; expected one of {names} (or sharded / .bin versions)")
-
-
-def read_folder_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{str(folder)!r} has no config.json")
-    return json.loads(path.read_text())
+def read_state_dict(source: str | os.PathLike) -> tuple[StateDict, dict | None]:
+    """Every tensor of a file or folder source (on the CPU) and the folder's config.json, if any."""
+    resolved = resolve_checkpoint(source)
+    state = open_state_dict(resolved)
+    return {key: state[key] for key in state}, resolved.config
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise CheckpointKeyError unless `state` has exactly the model's keys, with the same shapes."""
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    mismatched = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    )
-    if missing or unexpected or mismatched:
-        raise CheckpointKeyError(what, missing, unexpected, mismatched)
+    check_keys(expected, state, what=what)
+    check_shapes({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()},
+                 what=what)  # fmt: skip
 
 
 def init_random_weights_(model: nn.Module, seed: int) -> None:
     """Seeded random weights: conv/linear N(0, 1/fan_in) with zero bias, embeddings N(0, 1), every
-    other parameter (norm gains) 1. Deterministic per device type."""
+    other parameter (norm gains) 1. Deterministic per device type. Fan-in scaling (rather than the
+    DiT's fixed 0.02) keeps activations of these deep conv and T5 stacks at unit scale."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -243,11 +178,10 @@ def read_vae_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], 
     """A VAE state dict in our (diffusers) names from a folder, a file or an in-memory dict."""
     if isinstance(source, Mapping):
         state = dict(source)
-    elif Path(source).is_dir():
-        _check_diffusers_vae_config(read_folder_config(source), config, os.fspath(source))
-        state = read_checkpoint_folder(source, ("diffusion_pytorch_model",))
     else:
-        state = read_state_dict(source)
+        state, folder_config = read_state_dict(source)
+        if folder_config is not None:
+            _check_diffusers_vae_config(folder_config, config, os.fspath(source))
     return wan_vae_to_diffusers(state, config) if is_wan_vae_naming(state) else state
 
 
@@ -343,12 +277,11 @@ def read_umt5_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor],
     """
     if isinstance(source, Mapping):
         state = dict(source)
-    elif Path(source).is_dir():
-        _check_hf_umt5_config(read_folder_config(source), config, os.fspath(source))
-        state = read_checkpoint_folder(source, ("model", "pytorch_model"))
-        state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
     else:
-        state = read_state_dict(source)
+        state, folder_config = read_state_dict(source)
+        if folder_config is not None:
+            _check_hf_umt5_config(folder_config, config, os.fspath(source))
+        state = {k: v for k, v in state.items() if not k.startswith(("decoder.", "lm_head."))}
     if is_wan_t5_naming(state):
         state = wan_t5_to_hf(state)
     present = [k for k in _TIED_EMBEDDINGS if k in state]

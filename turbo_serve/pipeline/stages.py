@@ -21,6 +21,7 @@ from turbo_serve.models.configs import ModelPreset, get_preset
 from turbo_serve.models.loading import load_dit
 from turbo_serve.models.loading_vae_text import load_text_encoder, load_vae
 from turbo_serve.models.tokenizer import ensure_tiny_tokenizer
+from turbo_serve.pipeline.cuda_graphs import GraphedForward
 from turbo_serve.pipeline.resolution import check_num_frames, check_size, latent_frames
 from turbo_serve.pipeline.spec import GenerationSpec, output_name
 from turbo_serve.pipeline.video import Mp4Writer, to_uint8_frames
@@ -47,6 +48,8 @@ class PipelineConfig:
     """Tokenizer folder; None builds the tiny tokenizer (tiny presets only)."""
     quant_linear: bool = False
     """Load the DiT's block linears as W8A8 int8 (TurboDiffusion's -quant checkpoints)."""
+    cuda_graphs: bool = True
+    """Replay each DiT forward as a CUDA graph (CUDA only; captured on the first request of a shape)."""
     cache_dir: str = ".turbo_serve"
 
     @property
@@ -110,7 +113,12 @@ class ImageEncodeStage:
 
 
 def _load_vae(config: PipelineConfig) -> torch.nn.Module:
-    return load_vae(config.vae_checkpoint, config.preset.vae, device=config.torch_device, dtype=config.torch_dtype)
+    vae = load_vae(config.vae_checkpoint, config.preset.vae, device=config.torch_device, dtype=config.torch_dtype)
+    if config.torch_device.type == "cuda":
+        # cuDNN's 3-D convolutions are fastest channels-last (480p decode 1.51 s -> 1.15 s on an H200).
+        torch.backends.cudnn.benchmark = True
+        vae.to_channels_last()
+    return vae
 
 
 class DenoiseStage:
@@ -133,6 +141,7 @@ class DenoiseStage:
             )
             for index, source in enumerate(sources)
         ]
+        self._forwards = [GraphedForward(e) if config.cuda_graphs else e for e in self.experts]
 
     def validate(self, spec: GenerationSpec, has_condition: bool) -> None:
         """Raise ValueError for a spec this model cannot run (the API checks the same rules earlier)."""
@@ -172,7 +181,7 @@ class DenoiseStage:
         boundary = spec.boundary if spec.boundary is not None else preset.default_boundary
 
         def velocity(x: torch.Tensor, timestep: float, s: float) -> torch.Tensor:
-            expert = self.experts[0] if len(self.experts) == 1 or s >= boundary else self.experts[1]
+            expert = self._forwards[0] if len(self._forwards) == 1 or s >= boundary else self._forwards[1]
             inputs = x.to(dtype)
             if cond is not None:
                 inputs = torch.cat([inputs, cond], dim=1)

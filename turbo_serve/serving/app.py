@@ -1,0 +1,51 @@
+"""The application builder: settings in, a bound Serve application out.
+
+`serve run turbo_serve.serving.app:build_app models=tiny-t2v`, a config file's `import_path:
+turbo_serve.serving.app:build_app` with `args:`, `turbo-serve serve` and the tests all go through
+`build_app`, so the graph is defined once. Deployment names are fixed (Ingress, TextEncoder, VAE,
+and Denoiser-<model> per served model) because config files override deployments by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from turbo_kernels.registry import get_attention_backend
+from turbo_serve.serving.deployments import VAE, Denoiser, TextEncoder
+from turbo_serve.serving.ingress import Ingress
+from turbo_serve.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+
+
+def check_attention_default(settings: Settings) -> None:
+    """Refuse to deploy a default attention backend that is not registered (every request that
+    names none would fail), naming the registered ones and why the others did not load."""
+    try:
+        get_attention_backend(settings.attention_type)
+    except ValueError as error:
+        raise ValueError(f"settings.attention_type: {error}") from None
+
+
+def denoiser_name(model: str) -> str:
+    return f"Denoiser-{model}"
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder (Serve passes the config's `args` dict; env fills the rest)."""
+    settings = (args if isinstance(args, Settings) else Settings(**(args or {}))).with_absolute_paths()
+    check_attention_default(settings)
+    options = {kind: settings.deployment_options(kind) for kind in settings.deployments}
+
+    def deployment(cls, name: str, kind: str):
+        logger.info("turbo-serve deployment %s: %s", name, options[kind])
+        return serve.deployment(cls, name=name, **options[kind])
+
+    text_encoder = deployment(TextEncoder, "TextEncoder", "TextEncoder").bind(settings)
+    vae = deployment(VAE, "VAE", "VAE").bind(settings)
+    denoisers = {m: deployment(Denoiser, denoiser_name(m), "Denoiser").bind(settings, m) for m in settings.models}
+    return deployment(serve.ingress()(Ingress), "Ingress", "Ingress").bind(settings, text_encoder, vae, denoisers)
