@@ -92,8 +92,10 @@ def shard_tokens(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> tor
     """This rank's contiguous 1/N of `x` along `dim`, zero-padded at the end to a multiple of N."""
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     length = x.shape[dim]
-    padding = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, padded_length(length, n) - length]
-    return F.pad(x, padding).chunk(n, dim=dim)[rank]
+    extra = padded_length(length, n) - length
+    if extra:
+        x = F.pad(x, [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra])
+    return x.chunk(n, dim=dim)[rank]
 
 
 def gather_tokens(x: torch.Tensor, group: dist.ProcessGroup, length: int, dim: int = 1) -> torch.Tensor:
