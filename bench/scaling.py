@@ -10,8 +10,10 @@ commands in the same --out file are kept, so the phases can be run one command a
               (0.2; decode costs about as much as 4-step sampling at 480p, so the VAE must grow with
               the DiT); the TextEncoder takes 0.1 of one GPU. Which deployment landed on which GPU is
               read back through NVML and recorded. Target: jobs/min(4) >= 0.9 x 4 x jobs/min(1).
-  autoscale   one Denoiser deployment autoscaling 1..max replicas: saturating load, then idle; the
-              replica count over time (Serve's status). Pass: reaches max under load, back to 1 after.
+  autoscale   one Denoiser deployment autoscaling 1..max replicas: saturating load until every replica
+              is up (at most --load-s), the submitted jobs drained, then idle until one replica is
+              left (at most --idle-s); the replica count over time (Serve's status). Pass: reaches max
+              under load, back to 1 after.
   latency     14B 720p, 4 rCM steps, in ONE sequence-parallel group of N = 1, 2, 4, 8 GPUs (the ranks
               are the same ParallelDenoiseStage the multi-GPU replica runs, started with
               torch.multiprocessing, NCCL). Sampling time with CUDA graphs (the stage's default), and
@@ -79,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention", default="sagesla")
     parser.add_argument("--num-steps", type=int, default=4)
     parser.add_argument("--window-s", type=float, default=90.0, help="throughput: measured window per k")
-    parser.add_argument("--load-s", type=float, default=90.0, help="autoscale: seconds of load")
-    parser.add_argument("--idle-s", type=float, default=90.0, help="autoscale: seconds watched after the load")
+    parser.add_argument("--load-s", type=float, default=180.0, help="autoscale: most seconds of load (ends at max replicas)")
+    parser.add_argument("--idle-s", type=float, default=180.0, help="autoscale: most seconds idle (ends at 1 replica)")
     parser.add_argument("--repeats", type=int, default=2, help="latency: timed samplings per variant")
     parser.add_argument("--time-budget-s", type=float, default=540.0, help="variants past it are skipped")
     parser.add_argument("--out", type=Path, default=None)
@@ -89,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.gpus is None:
         args.gpus = 2 if args.smoke else _visible_gpus()
     if args.smoke:
-        args.window_s, args.load_s, args.idle_s = min(args.window_s, 12.0), min(args.load_s, 20.0), min(args.idle_s, 40.0)
+        args.window_s, args.load_s, args.idle_s = min(args.window_s, 12.0), min(args.load_s, 60.0), min(args.idle_s, 60.0)
         args.repeats = 1
     args.workloads = SMOKE_WORKLOADS if args.smoke else GPU_WORKLOADS
     args.shard_models = SMOKE_SHARD_MODELS if args.smoke else SHARD_MODELS
@@ -298,12 +300,13 @@ class LoadDriver:
                 self.failed.append(str(video.get("error")))
                 del self.pending[video_id]
 
-    def run(self, seconds: float, submit: bool = True, every: Callable[[], None] | None = None) -> None:
+    def run(self, seconds: float, submit: bool = True, until: Callable[[], bool] | None = None) -> None:
+        """Drive for `seconds`, or until `until()` turns true (polled between steps)."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             self.step(submit)
-            if every is not None:
-                every()
+            if until is not None and until():
+                return
             time.sleep(0.2)
 
     def drain(self, timeout_s: float) -> None:
@@ -407,25 +410,31 @@ def run_autoscale(args, port: int, most: int) -> dict[str, Any]:
             timeline: list[tuple[float, int, str]] = []
             start = time.monotonic()
 
-            def sample(phase: str) -> Callable[[], None]:
-                def record() -> None:
-                    if not timeline or time.monotonic() - start - timeline[-1][0] >= 1.0:
-                        timeline.append((round(time.monotonic() - start, 1), denoiser_replicas(), phase))
+            def replicas(phase: str) -> int:
+                """The replica count, sampled about once a second into the timeline."""
+                if not timeline or time.monotonic() - start - timeline[-1][0] >= 1.0:
+                    timeline.append((round(time.monotonic() - start, 1), denoiser_replicas(), phase))
+                return timeline[-1][1]
 
-                return record
+            driver = LoadDriver(http, args, in_flight=(2 if args.smoke else 3) * most)
 
-            driver = LoadDriver(http, args, in_flight=3 * most)
-            driver.run(args.load_s, every=sample("load"))
+            def drained() -> bool:
+                replicas("drain")
+                return not driver.pending
+
+            driver.run(args.load_s, until=lambda: replicas("load") == most)  # load until every replica is up
             driver.in_flight = 0
-            driver.run(args.idle_s, submit=False, every=sample("idle"))
+            driver.run(900.0, submit=False, until=drained)
+            driver.run(args.idle_s, submit=False, until=lambda: replicas("idle") == 1)  # idle until one is left
         under_load = [n for _, n, phase in timeline if phase == "load"]
-        after = [n for _, n, phase in timeline if phase == "idle"]
-        peak, final = max(under_load, default=0), (after[-1] if after else 0)
+        peak, final = max(under_load, default=0), timeline[-1][1]
+        idle_start = next((t for t, _, phase in timeline if phase == "idle"), None)
         return {
             "max_replicas": most,
             "peak_under_load": peak,
             "final_after_idle": final,
             "seconds_to_peak": next((t for t, n, _ in timeline if n == peak), None),
+            "seconds_from_idle_to_one": None if idle_start is None or final != 1 else timeline[-1][0] - idle_start,
             "timeline": timeline,
             "completed": len(driver.completed),
             "failed": driver.failed,
@@ -627,10 +636,11 @@ def plot(report: dict[str, Any], path: Path) -> str:
     if autoscale:
         t = [p[0] for p in autoscale["timeline"]]
         axes[3].step(t, [p[1] for p in autoscale["timeline"]], where="post")
-        idle = next((p[0] for p in autoscale["timeline"] if p[2] == "idle"), None)
-        if idle is not None:
-            axes[3].axvline(idle, color="grey", linestyle=":", label="load stops")
-            axes[3].legend()
+        for phase, style in (("drain", ":"), ("idle", "--")):
+            begin = next((p[0] for p in autoscale["timeline"] if p[2] == phase), None)
+            if begin is not None:
+                axes[3].axvline(begin, color="grey", linestyle=style, label=f"{phase} from here")
+        axes[3].legend()
         axes[3].set(title="Denoiser replicas under load, then idle", xlabel="s", ylabel="replicas")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -15,7 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "scaling.py"
 def test_scaling_smoke_reports_every_phase(tmp_path):
     out = tmp_path / "scaling.json"
     command = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--replicas", "1", "--ranks", "1,2",
-               "--window-s", "15", "--load-s", "20", "--idle-s", "35"]  # fmt: skip
+               "--window-s", "10"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -19,7 +19,11 @@ from turbo_serve.parallel.distributed import ParallelConfig, check_sequence_para
 from turbo_serve.parallel.local import run_ranks
 from turbo_serve.pipeline.stages import DenoiseStage
 
-LAYOUTS = {"sp2": ParallelConfig(sequence_parallel=2), "cfg2": ParallelConfig(cfg_parallel=True)}
+LAYOUTS = {
+    "sp2": ParallelConfig(sequence_parallel=2),
+    "cfg2": ParallelConfig(cfg_parallel=True),
+    "sp2-cfg2": ParallelConfig(sequence_parallel=2, cfg_parallel=True),  # both groups at once: 4 ranks
+}
 STOP_AFTER = 2
 
 
@@ -85,7 +89,7 @@ def test_sequence_parallel_dit_matches_single_process(sequence_ranks, reference_
 
 def test_each_layer_exchanges_qkv_once_and_the_output_once(sequence_ranks, reference_dit_outputs):
     # Two all-to-alls per layer (q/k/v stacked in, the output back), two layers, every case.
-    assert [rank["all_to_alls"] for rank in sequence_ranks] == [2 * 2 * len(DIT_CASES)] * 2
+    assert [rank["all_to_alls"] for rank in sequence_ranks] == [2 * 2 * len(DIT_CASES)] * len(sequence_ranks)
     for rank in sequence_ranks:  # hooks removed: the single-process model again, bit for bit
         for got, expected in zip(rank["dit_after_remove"], reference_dit_outputs):
             torch.testing.assert_close(got, expected, atol=0, rtol=0)

@@ -13,6 +13,7 @@ a worker is gone), they go with it and the new replica starts a fresh group.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import ray
@@ -84,9 +85,14 @@ class ParallelDenoiser:
         host = ray.util.get_node_ip_address()
         init_method = rendezvous_address(host, free_port(host))
         joined = [w.setup.remote(rank, init_method) for rank, w in enumerate(self.workers, start=1)]
-        groups = init_parallel(parallel, 0, init_method, config.torch_device, COLLECTIVE_TIMEOUT_S)
-        self.stage = ParallelDenoiseStage(config, groups)
+        # Rank 0 joins (and loads its model) on a thread, so a worker that fails to start fails
+        # this constructor at once instead of after the rendezvous timeout.
+        setup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank0-setup")
+        rank0 = setup.submit(lambda: ParallelDenoiseStage(
+            config, init_parallel(parallel, 0, init_method, config.torch_device, COLLECTIVE_TIMEOUT_S)))  # fmt: skip
         ray.get(joined)
+        self.stage = rank0.result()
+        setup.shutdown()
         self._broken: str | None = None
 
     def __call__(
