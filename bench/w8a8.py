@@ -1,13 +1,15 @@
 """W8A8 linear (int8 weights and activations, one scale per 128x128 tile) against bf16
 torch.matmul at the DiT's GEMM shapes, activation quantisation included.
 
-    python bench/w8a8.py            # H200, ~1 min; writes bench/results/w8a8_h200.json
+    python bench/w8a8.py            # H200, ~30 s; writes bench/results/w8a8_h200.json
     python bench/w8a8.py --quick    # 1.3B shapes only
     python bench/w8a8.py --smoke    # CPU: tiny shapes through the Triton interpreter
 
-Rows per shape: bf16 F.linear, the whole int8_linear (quantise x + int8 GEMM), and its two parts;
-accuracy of both against an fp32 matmul of the unquantised operands. The weight is bf16 data
-quantised with `quantize_weight`, as a TurboDiffusion -quant checkpoint stores it.
+Rows per shape: bf16 F.linear, the whole int8_linear (quantise x + int8 GEMM), and its two parts
+(the quantiser's bandwidth as a fraction of the H200's 4.8 TB/s; the GEMM's speedup over bf16
+alone); accuracy of both against an fp32 matmul of the unquantised operands. The weight is bf16
+data quantised with `quantize_weight`, as a TurboDiffusion -quant checkpoint stores it. Every
+GEMM autotuner decision (candidate times, choice) is recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from source_checkout import ensure_turbo_kernels  # noqa: E402
 ensure_turbo_kernels()
 
 from turbo_kernels.accuracy import compare  # noqa: E402
-from turbo_kernels.autotune import last_config  # noqa: E402
+from turbo_kernels.autotune import last_config, tuning_log  # noqa: E402
 from turbo_kernels.w8a8 import int8_linear, quantize_tiles_triton, quantize_weight, w8a8_matmul  # noqa: E402
 
 from timing import measure  # noqa: E402
@@ -50,6 +52,8 @@ SHAPES = {
                                 ("ffn down", 13824, 5120)]),
 }
 SMOKE_SHAPES = {"smoke": (300, [("tiny qkv", 128, 384), ("tiny ffn down", 256, 128)])}
+PEAK_GB_S = 4800.0
+"""H200 HBM3e nominal bandwidth: the quantiser's fraction of it is its 'near memory speed' check."""
 
 
 def run_gemm(m: int, k: int, n: int, device: str, dtype: torch.dtype, deadline: float) -> dict:
@@ -75,7 +79,11 @@ def run_gemm(m: int, k: int, n: int, device: str, dtype: torch.dtype, deadline: 
         try:
             out = fn()
             entry = measure(fn, device, max_s=0.5)
-            if name != "act_quant":
+            if name == "act_quant":
+                moved = m * k * (x.element_size() + 1) + triton.cdiv(m, 128) * triton.cdiv(k, 128) * 4
+                entry["gb_per_s"] = moved / (entry["ms"] * 1e-3) / 1e9
+                entry["fraction_of_peak_bw"] = entry["gb_per_s"] / PEAK_GB_S
+            else:
                 entry["tflops"] = flops / (entry["ms"] * 1e-3) / 1e12
                 entry["vs_fp32"] = compare(out, exact)
             if name == "w8a8_gemm" and last_config("w8a8") is not None:
@@ -84,9 +92,11 @@ def run_gemm(m: int, k: int, n: int, device: str, dtype: torch.dtype, deadline: 
         except Exception as error:  # noqa: BLE001 - record it and go on
             row[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}",
                          "traceback": traceback.format_exc(limit=3)[-1000:]}
-    bf16, w8 = row.get("bf16_linear", {}), row.get("w8a8_linear", {})
+    bf16, w8, gemm = row.get("bf16_linear", {}), row.get("w8a8_linear", {}), row.get("w8a8_gemm", {})
     if "ms" in bf16 and "ms" in w8:
         row["speedup_vs_bf16"] = bf16["ms"] / w8["ms"]
+    if "ms" in bf16 and "ms" in gemm:
+        row["gemm_speedup_vs_bf16"] = bf16["ms"] / gemm["ms"]
     return row
 
 
@@ -94,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1.3B shapes only")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes through the Triton interpreter")
-    parser.add_argument("--budget-s", type=float, default=240.0)
+    parser.add_argument("--budget-s", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -120,20 +130,27 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.empty_cache()
         report["models"][model] = rows
+        report["tuning"] = {str(k): v for k, v in tuning_log().items()}
         report["wall_s"] = round(time.time() - start, 1)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(report, indent=1, default=str))
     for model, rows in report["models"].items():
         print(f"\n== {model}")
-        print(f"{'gemm':28s} {'bf16 ms':>8s} {'w8a8 ms':>8s} {'quant ms':>8s} {'gemm ms':>8s} {'speedup':>7s} "
-              f"{'bf16 TF':>7s} {'w8a8 TF':>7s} {'cos w8a8':>9s}")
+        print(f"{'gemm':28s} {'bf16 ms':>8s} {'w8a8 ms':>8s} {'quant ms':>8s} {'quant bw':>8s} {'gemm ms':>8s} "
+              f"{'speedup':>7s} {'gemm x':>7s} {'bf16 TF':>7s} {'gemm TF':>7s} {'cos w8a8':>9s}  gemm config")
         for label, r in rows.items():
             def get(name, field="ms"):
                 return r.get(name, {}).get(field, float("nan"))
             print(f"{label:28s} {get('bf16_linear'):8.3f} {get('w8a8_linear'):8.3f} {get('act_quant'):8.3f} "
-                  f"{get('w8a8_gemm'):8.3f} {r.get('speedup_vs_bf16', float('nan')):7.2f} "
-                  f"{get('bf16_linear', 'tflops'):7.0f} {get('w8a8_linear', 'tflops'):7.0f} "
-                  f"{r.get('w8a8_linear', {}).get('vs_fp32', {}).get('cosine', float('nan')):9.6f}")
+                  f"{get('act_quant', 'fraction_of_peak_bw'):8.0%} {get('w8a8_gemm'):8.3f} "
+                  f"{r.get('speedup_vs_bf16', float('nan')):7.2f} {r.get('gemm_speedup_vs_bf16', float('nan')):7.2f} "
+                  f"{get('bf16_linear', 'tflops'):7.0f} {get('w8a8_gemm', 'tflops'):7.0f} "
+                  f"{r.get('w8a8_linear', {}).get('vs_fp32', {}).get('cosine', float('nan')):9.6f}  "
+                  f"{r.get('w8a8_gemm', {}).get('config', '')}")
+    print("\nGEMM autotuner (key -> chosen; candidate ms)")
+    for key, rec in report.get("tuning", {}).items():
+        print(f"  {key} -> {rec.get('chosen')}: {rec.get('timings_ms', {})}"
+              f"{'; rejected ' + str(rec['rejected']) if rec.get('rejected') else ''}")
     print(f"\nwrote {out_path} ({report.get('wall_s', 0)} s)")
 
 

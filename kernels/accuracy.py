@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch
 
 
+_CHUNK = 1 << 24
+"""Elements per float64 slice: a 720p attention output (387M values) never doubles in memory."""
+
+
 def cosine_similarity(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Cosine of the two outputs flattened."""
-    a, b = out.detach().double().flatten(), ref.detach().double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+    """Cosine of the two outputs flattened (accumulated in float64, slice by slice)."""
+    a, b = out.detach().reshape(-1), ref.detach().reshape(-1)
+    dot = aa = bb = 0.0
+    for start in range(0, a.numel(), _CHUNK):
+        x, y = a[start:start + _CHUNK].double(), b[start:start + _CHUNK].double()
+        dot, aa, bb = dot + float(x @ y), aa + float(x @ x), bb + float(y @ y)
+    return dot / max((aa * bb) ** 0.5, 1e-30)
 
 
 def relative_l1(out: torch.Tensor, ref: torch.Tensor) -> float:

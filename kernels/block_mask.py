@@ -6,14 +6,19 @@ true length), score = pooled_q @ pooled_k^T, keep the top ``max(1, int(topk * ke
 blocks of every query block. The LUT is int32 (B, H, query blocks, kept), sorted ascending.
 
 Mean-pooling is linear, so pool(K - mean(K)) = pool(K) - mean(K): one pass over K produces the
-block sums, and the mean falls out of them. The same passes carry the work that also has to read
-Q/K/V once: Sage's INT8 quantisation of Q (`pool_queries`) and SLA's linear-branch reductions
-S = phi(K)^T V, z = sum phi(k) plus the FP8 V range (`pool_keys`), so sparse attention pays one
-read of Q, K and V before its main kernel.
+block sums, and the mean only shifts each score row by a constant (see `_block_scores_kernel`).
+The same passes carry the work that also has to read Q/K/V once: Sage's INT8 quantisation of Q
+(`pool_queries`) and SLA's linear-branch reductions S = phi(K)^T V, z = sum phi(k) plus the FP8 V
+range (`pool_keys`, whose per-program partials one small launch reduces), so sparse attention
+pays one read of Q, K and V before its main kernel.
+
+The selection runs on the GPU in two launches, a tf32x3 score GEMM and a radix select that
+writes the sorted LUT; nothing in the mask waits on the host, so it can be CUDA-graph captured.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +62,14 @@ def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
 
 
 @triton.jit(do_not_specialize=["H", "L", "num_blocks", "blocks_per_program"])
-def _pool_keys_kernel(K, V, BlockSum, SPart, ZPart, VAmaxPart, PhiK,  #
+def _pool_keys_kernel(K, V, BlockSum, KSumPart, SPart, ZPart, VAmaxPart, PhiK,  #
                       stride_kb, stride_kl, stride_kh,  #
                       stride_vb, stride_vl, stride_vh,  #
                       H, L, num_blocks, blocks_per_program,  #
                       BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, LINEAR: tl.constexpr,  #
                       PHI_OUT: tl.constexpr, V_AMAX: tl.constexpr):
-    """Sums of a run of key blocks; LINEAR: partial phi(K)^T V and sum phi(k) over the run;
-    PHI_OUT: also store phi(K); V_AMAX: partial per-channel max |v|."""
+    """Sums of a run of key blocks (and their total, for K's mean); LINEAR: partial phi(K)^T V and
+    sum phi(k) over the run; PHI_OUT: also store phi(K); V_AMAX: partial per-channel max |v|."""
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -73,6 +78,7 @@ def _pool_keys_kernel(K, V, BlockSum, SPart, ZPart, VAmaxPart, PhiK,  #
     v_base = V + off_b * stride_vb + off_h * stride_vh
     offs_r = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
+    acc_k = tl.zeros([HEAD_DIM], dtype=tl.float32)
     acc_s = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
     acc_z = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -82,7 +88,9 @@ def _pool_keys_kernel(K, V, BlockSum, SPart, ZPart, VAmaxPart, PhiK,  #
         valid = rows[:, None] < L
         k = tl.load(k_base + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=valid, other=0.0)
         kf = k.to(tl.float32)
-        tl.store(BlockSum + (pid_bh * num_blocks + blk) * HEAD_DIM + offs_d, tl.sum(kf, 0), mask=blk < num_blocks)
+        block_sum = tl.sum(kf, 0)
+        acc_k += block_sum
+        tl.store(BlockSum + (pid_bh * num_blocks + blk) * HEAD_DIM + offs_d, block_sum, mask=blk < num_blocks)
         if LINEAR or V_AMAX:
             v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=valid, other=0.0)
             if V_AMAX:
@@ -97,11 +105,121 @@ def _pool_keys_kernel(K, V, BlockSum, SPart, ZPart, VAmaxPart, PhiK,  #
                     tl.store(PhiK + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :], phi,
                              mask=valid)
     part = pid_bh * tl.num_programs(0) + split
+    tl.store(KSumPart + part * HEAD_DIM + offs_d, acc_k)
     if LINEAR:
         tl.store(SPart + part.to(tl.int64) * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], acc_s)
         tl.store(ZPart + part * HEAD_DIM + offs_d, acc_z)
     if V_AMAX:
         tl.store(VAmaxPart + part * HEAD_DIM + offs_d, v_amax)
+
+
+@triton.jit(do_not_specialize=["splits", "inv_len"])
+def _finalize_keys_kernel(KSumPart, SPart, ZPart, VAmaxPart, KMean, KVState, KState, VScale,  #
+                          splits, inv_len,  #
+                          HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, LINEAR: tl.constexpr,  #
+                          V_AMAX: tl.constexpr):
+    """Reduce `_pool_keys_kernel`'s per-program partials of one head: K's token mean, SLA's
+    S / L (rows of it per program) and z / L, the FP8 V scale max|v| / 448."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if LINEAR:
+        rows = pid_r * ROWS + tl.arange(0, ROWS)
+        acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+        for s in tl.range(0, splits):
+            part = (pid_bh * splits + s).to(tl.int64) * HEAD_DIM * HEAD_DIM
+            acc += tl.load(SPart + part + rows[:, None] * HEAD_DIM + offs_d[None, :])
+        tl.store(KVState + (pid_bh * HEAD_DIM + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+                 (acc * inv_len).to(KVState.dtype.element_ty))
+    if pid_r == 0:
+        k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        z_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        v_amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for s in tl.range(0, splits):
+            part = (pid_bh * splits + s) * HEAD_DIM + offs_d
+            k_sum += tl.load(KSumPart + part)
+            if LINEAR:
+                z_sum += tl.load(ZPart + part)
+            if V_AMAX:
+                v_amax = tl.maximum(v_amax, tl.load(VAmaxPart + part))
+        tl.store(KMean + pid_bh * HEAD_DIM + offs_d, k_sum * inv_len)
+        if LINEAR:
+            tl.store(KState + pid_bh * HEAD_DIM + offs_d, z_sum * inv_len)
+        if V_AMAX:
+            tl.store(VScale + pid_bh * HEAD_DIM + offs_d, tl.maximum(v_amax / 448.0, 1e-20))
+
+
+@triton.jit(do_not_specialize=["L", "num_qblocks", "num_kblocks"])
+def _block_scores_kernel(PooledQ, BlockSum, Score, L, num_qblocks, num_kblocks,  #
+                         KEY_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,  #
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Score[bh, i, j] = pooled_q[i] . (mean of key block j - mean of key block 0).
+
+    SLA subtracts K's token mean instead; any vector subtracted from every pooled key shifts a
+    whole score row by one constant, so the top-k is the same, and block 0's mean removes the
+    channel offsets common to all keys (what keeps fp32 scores well conditioned) without waiting
+    for a reduction over the whole sequence. tf32x3 keeps fp32-level accuracy on tensor cores.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < num_qblocks
+    col_ok = cols < num_kblocks
+    pq = tl.load(PooledQ + (pid_bh * num_qblocks + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    sums = tl.load(BlockSum + (pid_bh * num_kblocks + cols[:, None]) * HEAD_DIM + offs_d[None, :],
+                   mask=col_ok[:, None], other=0.0)
+    length = tl.where(col_ok, tl.minimum(L - cols * KEY_BLOCK, KEY_BLOCK), 1).to(tl.float32)
+    centre = tl.load(BlockSum + pid_bh * num_kblocks * HEAD_DIM + offs_d) / tl.minimum(L, KEY_BLOCK).to(tl.float32)
+    pk = sums / length[:, None] - centre[None, :]
+    score = tl.dot(pq, tl.trans(pk), input_precision="tf32x3")
+    tl.store(Score + (pid_bh * num_qblocks + rows[:, None]).to(tl.int64) * num_kblocks + cols[None, :], score,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_kblocks", "kept"])
+def _select_topk_kernel(Score, Lut, num_rows, num_kblocks, kept,  #
+                        ROWS: tl.constexpr, NK_PAD: tl.constexpr):
+    """Top ``kept`` columns of ROWS score rows, written as ascending int32 column indices.
+
+    Radix select on the order-preserving int32 image of the fp32 scores: up to 32 count passes
+    find a threshold with exactly ``kept`` keys at or above it (or, with ties, the kept-th largest
+    key; ties go to the lowest columns), and a prefix sum over the selection gives every chosen
+    column its slot, so the row comes out sorted.
+    """
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, NK_PAD)
+    row_ok = rows < num_rows
+    valid = row_ok[:, None] & (cols[None, :] < num_kblocks)
+    score = tl.load(Score + rows.to(tl.int64)[:, None] * num_kblocks + cols[None, :], mask=valid, other=0.0)
+    bits = score.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of key == float order
+    key = tl.where(valid, key, -2147483648)  # padding sorts below every real score
+    # Largest threshold t with count(key >= t) >= kept, built from the top bit down; once every
+    # row has exactly `kept` keys >= t, the lower bits cannot change the selection and the loop
+    # stops (typically after ~20 of the 32 bits; ties at the threshold run all of them).
+    count = tl.sum((key >= 0).to(tl.int32), 1)
+    take = count >= kept
+    t = tl.where(take, 0, -2147483648)
+    count = tl.where(take, count, tl.sum(valid.to(tl.int32), 1))
+    bit = 30
+    while (bit >= 0) & (tl.max(tl.where(row_ok, count, kept), 0) > kept):
+        cand = t | (1 << bit)
+        cand_count = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+        take = cand_count >= kept
+        t = tl.where(take, cand, t)
+        count = tl.where(take, cand_count, count)
+        bit -= 1
+    above = key > t[:, None]
+    tie = (key == t[:, None]) & valid
+    need = kept - tl.sum(above.to(tl.int32), 1)
+    chosen = above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= need[:, None]))
+    slot = tl.cumsum(chosen.to(tl.int32), 1) - 1
+    tl.store(Lut + rows.to(tl.int64)[:, None] * kept + slot, cols[None, :] + 0 * slot, mask=chosen & row_ok[:, None])
 
 
 @dataclass
@@ -116,18 +234,29 @@ class QueryPass:
 
 @dataclass
 class KeyPass:
-    pooled: torch.Tensor
-    """(B, H, key blocks, D) fp32 means of K - mean(K)."""
-    mean: torch.Tensor
-    """(B, H, D) fp32 token mean of K (Sage's smoothing vector)."""
+    block_sum: torch.Tensor
+    """(B, H, key blocks, D) fp32 sums of K per block."""
+    block: int
+    tokens: int
+    """L: the sequence length the sums cover."""
+    mean: torch.Tensor | None = None
+    """(B, H, D) fp32 token mean of K (Sage's smoothing vector), when asked for."""
     kv_state: torch.Tensor | None = None
     """(B, H, D, D) mean over tokens of phi(k)^T v, in v's dtype (SLA's linear branch)."""
     k_state: torch.Tensor | None = None
     """(B, H, D) fp32 mean over tokens of phi(k)."""
     phi_k: torch.Tensor | None = None
     """(B, H, L, D) phi(K) in v's dtype (only for SLA's paper variant)."""
-    v_amax: torch.Tensor | None = None
-    """(B, H, D) fp32 per-channel max |v| (FP8 V scale)."""
+    v_scale: torch.Tensor | None = None
+    """(B, H, D) fp32 per-channel FP8 scale of V: max |v| / 448."""
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        """(B, H, key blocks, D) fp32 means of K - mean(K), SLA's pooled keys (torch ops: for the
+        reference selection and tests; the Triton selection reads block_sum directly)."""
+        sums, L = self.block_sum, self.tokens
+        mean = sums.sum(2) / L
+        return sums / _block_lengths(L, self.block, sums.device)[:, None] - mean[:, :, None, :]
 
 
 def _block_lengths(length: int, block: int, device: torch.device) -> torch.Tensor:
@@ -136,10 +265,16 @@ def _block_lengths(length: int, block: int, device: torch.device) -> torch.Tenso
     return (length - starts).clamp(max=block).float()
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device) -> int:
-    """Split each head's key blocks so the key pass fills the GPU about twice over."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(num_blocks, triton.cdiv(2 * sms, batch_heads)))
+    """Split each head's key blocks so the key pass runs about four programs per SM."""
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+    return max(1, min(num_blocks, triton.cdiv(4 * sms, batch_heads)))
 
 
 def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None) -> QueryPass:
@@ -158,6 +293,10 @@ def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None) 
     return QueryPass(pooled, q_int8, q_scale)
 
 
+FINALIZE_ROWS = 16
+"""Rows of S per finalize program (D / 16 programs per head reduce S in parallel)."""
+
+
 def pool_keys(
     k: torch.Tensor,
     block: int,
@@ -166,9 +305,10 @@ def pool_keys(
     linear: bool = False,
     phi_out: bool = False,
     v_amax: bool = False,
+    k_mean: bool = False,
 ) -> KeyPass:
-    """Triton pass over K (and V when asked): smoothed block means, K's token mean, and the
-    optional SLA linear state / phi(K) / V channel range."""
+    """Triton pass over K (and V when asked): per-block sums, plus on request K's token mean, the SLA
+    linear state / phi(K) and the FP8 V scale (one small reduce launch for all of these)."""
     B, L, H, D = k.shape
     if (linear or v_amax) and v is None:
         raise ValueError("pool_keys needs v for the linear state or the V range")
@@ -179,25 +319,34 @@ def pool_keys(
     splits = triton.cdiv(nb, per_program)
     dev = k.device
     block_sum = torch.empty(B, H, nb, D, device=dev, dtype=torch.float32)
+    k_part = torch.empty(B * H, splits, D, device=dev, dtype=torch.float32)
     s_part = torch.empty(B * H, splits, D, D, device=dev, dtype=torch.float32) if linear else block_sum
     z_part = torch.empty(B * H, splits, D, device=dev, dtype=torch.float32) if linear else block_sum
     amax_part = torch.empty(B * H, splits, D, device=dev, dtype=torch.float32) if v_amax else block_sum
     phi_k = torch.empty(B, H, L, D, device=dev, dtype=v.dtype) if linear and phi_out else None
     _pool_keys_kernel[(splits, B * H)](
-        k, v, block_sum, s_part, z_part, amax_part, phi_k if phi_k is not None else block_sum,  #
+        k, v, block_sum, k_part, s_part, z_part, amax_part, phi_k if phi_k is not None else block_sum,  #
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),  #
         H, L, nb, per_program,  #
         BLOCK=block, HEAD_DIM=D, LINEAR=linear, PHI_OUT=phi_k is not None, V_AMAX=v_amax,  #
         num_warps=8 if linear and D == 128 else 4,
     )
-    mean = block_sum.sum(2) / L
-    pooled = block_sum / _block_lengths(L, block, dev)[:, None] - mean[:, :, None, :]
-    result = KeyPass(pooled, mean, phi_k=phi_k)
+    result = KeyPass(block_sum, block, L, phi_k=phi_k)
+    if not (linear or v_amax or k_mean):
+        return result
+    result.mean = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     if linear:
-        result.kv_state = (s_part.sum(1) / L).view(B, H, D, D).to(v.dtype)
-        result.k_state = (z_part.sum(1) / L).view(B, H, D)
+        result.kv_state = torch.empty(B, H, D, D, device=dev, dtype=v.dtype)
+        result.k_state = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     if v_amax:
-        result.v_amax = amax_part.amax(1).view(B, H, D)
+        result.v_scale = torch.empty(B, H, D, device=dev, dtype=torch.float32)
+    placeholder = result.mean
+    _finalize_keys_kernel[(D // FINALIZE_ROWS if linear else 1, B * H)](
+        k_part, s_part, z_part, amax_part, result.mean,  #
+        result.kv_state if linear else placeholder, result.k_state if linear else placeholder,  #
+        result.v_scale if v_amax else placeholder, splits, 1.0 / L,  #
+        HEAD_DIM=D, ROWS=FINALIZE_ROWS, LINEAR=linear, V_AMAX=v_amax, num_warps=4,
+    )
     return result
 
 
@@ -209,11 +358,65 @@ def kept_blocks(topk: float, num_key_blocks: int) -> int:
 
 
 def select_blocks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> torch.Tensor:
-    """Top key blocks per query block from pooled (B, H, blocks, D) tensors: int32 LUT, ascending."""
+    """Top key blocks per query block from pooled (B, H, blocks, D) tensors: int32 LUT, ascending
+    (torch: the reference, and the selectable fallback of `select_blocks_triton`)."""
     score = pooled_q @ pooled_k.transpose(-1, -2)
     kept = kept_blocks(topk, pooled_k.shape[-2])
     idx = torch.topk(score, kept, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values.to(torch.int32).contiguous()
+
+
+SCORE_TILE = 64
+"""Query x key block tile of `_block_scores_kernel`."""
+
+
+def block_scores(pooled_q: torch.Tensor, keys: KeyPass) -> torch.Tensor:
+    """(B, H, query blocks, key blocks) fp32 block scores (`_block_scores_kernel`)."""
+    B, H, nq, D = pooled_q.shape
+    nk = keys.block_sum.shape[2]
+    score = torch.empty(B, H, nq, nk, device=pooled_q.device, dtype=torch.float32)
+    _block_scores_kernel[(triton.cdiv(nk, SCORE_TILE), triton.cdiv(nq, SCORE_TILE), B * H)](
+        pooled_q, keys.block_sum, score, keys.tokens, nq, nk,  #
+        KEY_BLOCK=keys.block, HEAD_DIM=D, BLOCK_M=SCORE_TILE, BLOCK_N=SCORE_TILE, num_warps=4,
+    )
+    return score
+
+
+def select_topk(score: torch.Tensor, kept: int) -> torch.Tensor:
+    """int32 (..., kept) ascending indices of each row's ``kept`` largest scores (`_select_topk_kernel`)."""
+    *lead, nk = score.shape
+    if not 1 <= kept <= nk:
+        raise ValueError(f"kept must be in 1..{nk}, got {kept}")
+    rows = score.numel() // nk
+    lut = torch.empty(*lead, kept, device=score.device, dtype=torch.int32)
+    nk_pad = triton.next_power_of_2(nk)
+    per_program = max(1, SELECT_ELEMENTS // nk_pad)
+    launch = SELECT_LAUNCH if score.is_cuda else {"num_warps": SELECT_LAUNCH["num_warps"]}
+    _select_topk_kernel[(triton.cdiv(rows, per_program),)](
+        score, lut, rows, nk, kept, ROWS=per_program, NK_PAD=nk_pad, **launch,
+    )
+    return lut
+
+
+SELECT_ELEMENTS = 4096
+"""Scores per `_select_topk_kernel` program (rows x padded key blocks): 32 per thread over 4 warps."""
+SELECT_LAUNCH = {"num_warps": 4, "maxnreg": 96}
+"""Capped at 96 registers (no spills on sm90, bench/compile_check.py; 160 uncapped), so five
+programs share an SM and hide the count passes' reduction latency."""
+
+SELECT_METHODS = ("triton", "torch")
+"""triton: score + radix-select kernels (two launches); torch: matmul, topk, sort, cast (the
+first implementation, kept selectable)."""
+
+
+def select_blocks_from_passes(queries: QueryPass, keys: KeyPass, topk: float, method: str = "triton") -> torch.Tensor:
+    """The LUT from the two pooling passes, by ``method`` (see SELECT_METHODS)."""
+    if method not in SELECT_METHODS:
+        raise ValueError(f"select method must be one of {SELECT_METHODS}, got {method!r}")
+    kept = kept_blocks(topk, keys.block_sum.shape[2])
+    if method == "torch":
+        return select_blocks(queries.pooled, keys.pooled, topk)
+    return select_topk(block_scores(queries.pooled, keys), kept)
 
 
 def _pool_ref(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -231,10 +434,13 @@ def build_block_mask_ref(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: in
     return select_blocks(_pool_ref(q, blkq), _pool_ref(k.float() - k_mean, blkk), topk)
 
 
-def build_block_mask(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int = 128, blkk: int = 64) -> torch.Tensor:
-    """int32 LUT (B, H, ceil(L / blkq), max(1, int(topk * ceil(L / blkk)))), sorted ascending."""
+def build_block_mask(q: torch.Tensor, k: torch.Tensor, topk: float, blkq: int = 128, blkk: int = 64,
+                     *, method: str = "triton") -> torch.Tensor:
+    """int32 LUT (B, H, ceil(L / blkq), max(1, int(topk * ceil(L / blkk)))), sorted ascending.
+
+    Four launches on the default path: pool Q, pool K, score, select (no host sync)."""
     if (blkq, blkk) not in GEOMETRIES:
         raise ValueError(f"block geometry {(blkq, blkk)} not supported; valid: {GEOMETRIES}")
     if not use_triton(q, k):
         return build_block_mask_ref(q, k, topk, blkq, blkk)
-    return select_blocks(pool_queries(q, blkq).pooled, pool_keys(k, blkk).pooled, topk)
+    return select_blocks_from_passes(pool_queries(q, blkq), pool_keys(k, blkk), topk, method)

@@ -12,17 +12,21 @@ import math
 import torch
 import triton
 
-from turbo_kernels.autotune import length_bucket, pick_config
+from turbo_kernels.autotune import close_to_reference, length_bucket, pick_config
 from turbo_kernels.dispatch import use_triton
-from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash
+from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, with_tma_twins
+from turbo_kernels.tma import tma_candidates_allowed
 
 SPARSE_CONFIGS: dict[tuple[int, int], list[FlashConfig]] = {
-    (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 5)],
-    (64, 128): [FlashConfig(64, 128, 4, 3), FlashConfig(64, 128, 4, 5), FlashConfig(64, 128, 8, 3)],
+    (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 5), FlashConfig(128, 128, 8, 3)],
+    (64, 128): [FlashConfig(64, 128, 4, 3), FlashConfig(64, 128, 4, 5)],
 }
-"""Autotune candidates per LUT geometry (blkq, blkk); block_n is always blkk. The LUT read takes
-one pipeline stage of its own, so num_stages 3 prefetches K/V one block ahead and 5 two blocks
-ahead (4 and 6 compile to the same schedules on sm90: see bench/compile_check.py)."""
+"""Autotune candidates per LUT geometry (blkq, blkk). block_n is blkk, or 2 * blkk to walk two
+LUT blocks per step (128-wide MMAs for the 64-key LUT; what made dense 128x128 the fastest dense
+config on the H200). The LUT read takes one pipeline stage of its own, so num_stages 3
+prefetches K/V one block ahead and 5 two blocks ahead (4 and 6 compile to the same schedules on
+sm90: see bench/compile_check.py). 64x128 with 8 warps lost every H200 comparison and is gone.
+On Hopper `sparse_candidates` adds the TMA twin of every one-block config."""
 
 
 def check_lut(lut: torch.Tensor, q: torch.Tensor, blkq: int, blkk: int) -> None:
@@ -72,6 +76,11 @@ def sparse_configs(blkq: int, blkk: int) -> list[FlashConfig]:
         raise ValueError(f"block geometry {(blkq, blkk)} not supported; valid: {list(SPARSE_CONFIGS)}") from None
 
 
+def sparse_candidates(blkq: int, blkk: int, *tensors: torch.Tensor) -> list[FlashConfig]:
+    """Autotune candidates for these operands: SPARSE_CONFIGS, plus TMA twins on Hopper."""
+    return with_tma_twins(sparse_configs(blkq, blkk), tma_candidates_allowed(*tensors), blkk)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,7 +95,7 @@ def block_sparse_attention(
     """Softmax attention restricted to the LUT's blocks; (B, L, H, D) in and out.
 
     lut: int32 (B, H, ceil(L/blkq), topk), ascending (from `turbo_kernels.block_mask`).
-    ``config`` (block_n must equal blkk, block_m must divide blkq) skips the autotuner.
+    ``config`` (block_n blkk or 2 * blkk, block_m dividing blkq) skips the autotuner.
     """
     check_qkv(q, k, v)
     check_lut(lut, q, blkq, blkk)
@@ -95,11 +104,11 @@ def block_sparse_attention(
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
     def run(cfg: FlashConfig) -> torch.Tensor:
-        return launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq)
+        return launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, lut_block_n=blkk)
 
     if config is None:
         key = ("sparse", blkq, blkk, length_bucket(q.shape[1]), q.shape[-1], q.dtype, q.device.type)
-        config = pick_config(key, sparse_configs(blkq, blkk), run)
-    if config.block_n != blkk:
-        raise ValueError(f"config block_n {config.block_n} must equal the LUT's key block {blkk}")
+        config = pick_config(key, lambda: sparse_candidates(blkq, blkk, q, k, v), run, accept=close_to_reference())
+    if config.block_n not in (blkk, 2 * blkk):
+        raise ValueError(f"config block_n {config.block_n} must be the LUT's key block {blkk} or twice it")
     return run(config)

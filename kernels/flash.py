@@ -7,7 +7,9 @@ inner loop (and one place to tune it):
   sorted ascending, so K/V reads move forward through memory and the ragged last key block, when
   selected, is always the LUT's last entry: the loop runs unmasked and only that block is masked.
 - ``QK_INT8`` (Sage): Q and K arrive as int8 with one fp32 scale per block; Q already carries
-  sm_scale*log2(e), so the int32 dot times q_scale*k_scale is the log2-domain logit.
+  sm_scale*log2(e), so the int32 dot times q_scale*k_scale is the log2-domain logit. The int32
+  tile becomes fp32 by an exact integer add, not I2F (`turbo_kernels.convert`): I2F runs at the
+  MUFU rate on Hopper and would cost as much as the softmax's exp2.
 - ``PV_FP8``: V arrives as float8 e4m3, pre-transposed to (B, H, D, L_pad) with one scale per
   channel (the Hopper FP8 MMA wants V K-major). Every block's P@V is a fresh ``tl.dot`` scaled
   into the fp32 accumulator (two-level accumulation: the FP8 MMA accumulator has only ~22 bits).
@@ -16,6 +18,9 @@ inner loop (and one place to tune it):
   paper's variant: the loop also accumulates phi(q) phi(K_j)^T V_j of the selected blocks, which
   the epilogue subtracts, so the linear branch covers only the blocks the sparse branch skipped.
 - ``USE_TMA``: K/V/Q/O through on-device tensor descriptors (Hopper TMA) instead of pointers.
+- ``PAIR``: BLOCK_N is two LUT key blocks: each step gathers the rows of two (not necessarily
+  adjacent) LUT entries into one BLOCK_N-row tile, so a 64-key LUT runs 128-wide MMAs and half the
+  softmax bookkeeping. An odd count or the ragged block makes one masked step at the end.
 
 Inputs are (B, L, H, D) views with unit stride on D (Wan's native layout; no transposing copies).
 Softmax runs in exp2 with fp32 statistics and accumulator; the grid is (query blocks, B*H), so
@@ -24,14 +29,14 @@ neighbouring programs share a head and its K/V stays in L2.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from turbo_kernels.dispatch import interpreting
+from turbo_kernels.convert import MAGIC_BITS, MAGIC_F32
+from turbo_kernels.tma import ensure_tma_allocator, tma_mode, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -45,10 +50,13 @@ class FlashConfig:
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool = False
+    pv_fp8: bool = False
+    """Sage only: P@V in FP8 e4m3 (the op then also prepares V^T in FP8)."""
 
     def describe(self) -> str:
         tma = "+tma" if self.use_tma else ""
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tma}"
+        fp8 = "+fp8pv" if self.pv_fp8 else ""
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tma}{fp8}"
 
 
 @triton.jit
@@ -66,6 +74,22 @@ def _load_rows(base, desc, row0, n_rows, stride_row, offs_r, offs_d, MASK: tl.co
 
 
 @triton.jit
+def _gather_pair(base, kb, kb2, first, local, stride_row, offs_d, row_ok,
+                 LUT_BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Rows of key blocks kb (where ``first``) and kb2 side by side, ``local`` the row inside its
+    block: two 64-bit block bases picked per row, 32-bit offsets inside the block (the 64-bit
+    multiply per row cost as many IMADs as the tile has rows per thread). MASK: rows with row_ok
+    False read as zero."""
+    block_base = tl.where(first, base + (kb * LUT_BLOCK_N).to(tl.int64) * stride_row,
+                          base + (kb2 * LUT_BLOCK_N).to(tl.int64) * stride_row)
+    ptrs = block_base[:, None] + (local * stride_row)[:, None] + offs_d[None, :]
+    if MASK:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _softmax_rows(x):
     """Row softmax in fp32 (the SLA feature map phi, over head_dim)."""
     x = x.to(tl.float32)
@@ -76,41 +100,69 @@ def _softmax_rows(x):
 @triton.jit
 def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
                   k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
-                  kb, L, stride_kl, stride_vl,  #
+                  kb, kb2, second_valid, L, stride_kl, stride_vl,  #
                   offs_n, offs_d,  #
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QK_INT8: tl.constexpr,  #
-                  PV_FP8: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr, USE_TMA: tl.constexpr):
-    """One online-softmax step over key block ``kb`` (MASK: the ragged last block)."""
-    start_n = kb * BLOCK_N
-    k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA)
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LUT_BLOCK_N: tl.constexpr, MASK: tl.constexpr,  #
+                  QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr,  #
+                  USE_TMA: tl.constexpr, PAIR: tl.constexpr):
+    """One online-softmax step over key block ``kb`` (PAIR: LUT blocks kb and kb2 side by side;
+    ``second_valid`` False leaves kb2's half out). MASK: the step holds the ragged last block or
+    an absent second half."""
+    if PAIR:
+        first = offs_n < LUT_BLOCK_N
+        local = tl.where(first, offs_n, offs_n - LUT_BLOCK_N)
+        rows = tl.where(first, kb * LUT_BLOCK_N, kb2 * LUT_BLOCK_N) + local
+        col_ok = (rows < L) & (first | second_valid)
+        k = _gather_pair(k_base, kb, kb2, first, local, stride_kl, offs_d, col_ok, LUT_BLOCK_N, MASK)
+    else:
+        start_n = kb * BLOCK_N
+        rows = start_n + offs_n
+        col_ok = rows < L
+        k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     if QK_INT8:
-        qk = qk.to(tl.float32)
-        scale = scale_q * tl.load(KScale + kb)
+        # |q.k| <= 256 * 127 * 127 < 2**22, so the int32 tile plus 1.5 * 2**23 is that float
+        # exactly (no I2F, which runs at the EX2s' rate); the logit is (qk - 1.5 * 2**23) * scale,
+        # and the constant's share goes into the per-row exponent offset (one FFMA per element).
+        qk = (qk + MAGIC_BITS).to(tl.float32, bitcast=True)
+        if PAIR:
+            scale = scale_q * tl.where(first, tl.load(KScale + kb), tl.load(KScale + kb2))
+        else:
+            scale = scale_q * tl.load(KScale + kb)
+        offset = -MAGIC_F32 * scale
     else:
         scale = scale_q
+        offset = 0.0
     if MASK:
-        qk = tl.where((start_n + offs_n)[None, :] < L, qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * scale)
-    p = tl.math.exp2(qk * scale - m_ij[:, None])
+        qk = tl.where(col_ok[None, :], qk, float("-inf"))
+    if PAIR and QK_INT8:
+        # One scale per column: scale the tile once, then it is the log2-domain logit.
+        qk = qk * scale[None, :] + offset[None, :]
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * scale + offset)
+        p = tl.math.exp2(qk * scale - (m_ij - offset)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if PV_FP8:
-        # V^T tile (D, BLOCK_N); L_pad is a multiple of BLOCK_N and zero-padded, so never masked.
+        # V^T tile (D, BLOCK_N); L_pad is a multiple of the key block and zero-padded, so never masked.
         if USE_TMA:
-            vt = desc_v.load([0, start_n])
+            vt = desc_v.load([0, kb * BLOCK_N])
         else:
-            vt = tl.load(v_base + offs_d[:, None] * stride_vl + (start_n + offs_n)[None, :])
+            vt = tl.load(v_base + offs_d[:, None] * stride_vl + rows[None, :])
         # P (<= 1) times 448 uses e4m3's whole range; scaling the fresh dot back keeps Triton from
         # folding it into the fp32 accumulator (two-level accumulation).
         acc += tl.dot((p * 448.0).to(vt.dtype), tl.trans(vt)) * (1.0 / 448.0)
     else:
-        v = _load_rows(v_base, desc_v, start_n, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
+        if PAIR:
+            v = _gather_pair(v_base, kb, kb2, first, local, stride_vl, offs_d, col_ok, LUT_BLOCK_N, MASK)
+        else:
+            v = _load_rows(v_base, desc_v, kb * BLOCK_N, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc)
         if LINEAR_UNSELECTED:
-            phik = tl.load(phik_base + (start_n + offs_n)[:, None] * HEAD_DIM + offs_d[None, :],
-                           mask=(start_n + offs_n)[:, None] < L, other=0.0)
+            phik = tl.load(phik_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             a = tl.dot(phi_q, tl.trans(phik))
             lin_den += tl.sum(a, 1)
             lin_acc = tl.dot(a.to(v.dtype), v, lin_acc)
@@ -130,9 +182,12 @@ def _flash_fwd(Q, K, V, Out,  #
                LinS, LinZ, ProjW, ProjB, PhiK, lin_eps, inv_len,  #
                H, L, num_kblocks, qk_scale,  #
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-               LUT_BLOCK_M: tl.constexpr, DENSE: tl.constexpr, EVEN_N: tl.constexpr,  #
+               LUT_BLOCK_M: tl.constexpr, LUT_BLOCK_N: tl.constexpr, DENSE: tl.constexpr, EVEN_N: tl.constexpr,  #
                QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,  #
-               LINEAR: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr, USE_TMA: tl.constexpr):
+               LINEAR: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr, PROJ_BIAS: tl.constexpr,  #
+               USE_TMA: tl.constexpr):
+    """num_kblocks counts key blocks of LUT_BLOCK_N tokens; BLOCK_N is LUT_BLOCK_N or twice it (PAIR)."""
+    PAIR: tl.constexpr = BLOCK_N == 2 * LUT_BLOCK_N
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -186,7 +241,8 @@ def _flash_fwd(Q, K, V, Out,  #
     lin_acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lin_den = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # n_full blocks run unmasked; the ragged last key block, when visited, runs masked after them.
+    # n_full steps run unmasked; the ragged last key block (or, PAIR, an odd LUT entry), when
+    # visited, runs masked after them.
     if DENSE:
         n_blocks = num_kblocks
         n_full = num_kblocks
@@ -198,24 +254,42 @@ def _flash_fwd(Q, K, V, Out,  #
         n_full = topk
         if not EVEN_N:
             n_full -= (tl.load(lut_row + topk - 1) == num_kblocks - 1).to(tl.int32)
+        if PAIR:
+            n_full = n_full // 2
 
     for i in tl.range(0, n_full):
         if DENSE:
             kb = i
+            kb2 = i
+        elif PAIR:
+            kb = tl.load(lut_row + 2 * i)
+            kb2 = tl.load(lut_row + 2 * i + 1)
         else:
             kb = tl.load(lut_row + i)
+            kb2 = kb
         acc, l_i, m_i, lin_acc, lin_den = _attend_block(
             acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
             k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
-            kb, L, stride_kl, stride_vl, offs_n, offs_d,  #
-            HEAD_DIM, BLOCK_N, False, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA)
-    if not EVEN_N:
+            kb, kb2, True, L, stride_kl, stride_vl, offs_n, offs_d,  #
+            HEAD_DIM, BLOCK_N, LUT_BLOCK_N, False, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA, PAIR)
+    if PAIR:
+        # 1 or 2 LUT entries left: an odd one (second half absent) and/or the ragged block.
+        left = n_blocks - 2 * n_full
+        if left > 0:
+            kb = tl.load(lut_row + 2 * n_full)
+            kb2 = tl.load(lut_row + n_blocks - 1)
+            acc, l_i, m_i, lin_acc, lin_den = _attend_block(
+                acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
+                k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
+                kb, kb2, left > 1, L, stride_kl, stride_vl, offs_n, offs_d,  #
+                HEAD_DIM, BLOCK_N, LUT_BLOCK_N, True, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA, PAIR)
+    elif not EVEN_N:
         if n_full < n_blocks:
             acc, l_i, m_i, lin_acc, lin_den = _attend_block(
                 acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
                 k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
-                num_kblocks - 1, L, stride_kl, stride_vl, offs_n, offs_d,  #
-                HEAD_DIM, BLOCK_N, True, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA)
+                num_kblocks - 1, num_kblocks - 1, True, L, stride_kl, stride_vl, offs_n, offs_d,  #
+                HEAD_DIM, BLOCK_N, LUT_BLOCK_N, True, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA, PAIR)
 
     if PV_FP8:
         acc = acc * tl.load(VScale + pid_bh * HEAD_DIM + offs_d)[None, :]
@@ -234,8 +308,11 @@ def _flash_fwd(Q, K, V, Out,  #
             num -= lin_acc * inv_len
             den -= lin_den * inv_len
         o_lin = num / (den + lin_eps)[:, None]
-        w_t = tl.load(ProjW + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
-        acc = tl.dot(o_lin.to(w_t.dtype), w_t, acc) + tl.load(ProjB + offs_d)[None, :]
+        # proj_l's own (out, in) weight, any float dtype, cast here: o_lin @ W^T.
+        w = tl.load(ProjW + offs_d[:, None] * HEAD_DIM + offs_d[None, :]).to(s.dtype)
+        acc = tl.dot(o_lin.to(s.dtype), tl.trans(w), acc)
+        if PROJ_BIAS:
+            acc += tl.load(ProjB + offs_d).to(tl.float32)[None, :]
 
     out = acc.to(Out.dtype.element_ty)
     if USE_TMA:
@@ -258,10 +335,11 @@ class LinearBranch:
     """(B, H, D, D) in the attention dtype: mean over tokens of phi(k)^T v."""
     k_state: torch.Tensor
     """(B, H, D) fp32: mean over tokens of phi(k)."""
-    proj_weight_t: torch.Tensor
-    """(D_in, D_out) in the attention dtype: proj_l.weight transposed."""
-    proj_bias: torch.Tensor
-    """(D,) fp32 (zeros when proj_l has no bias)."""
+    proj_weight: torch.Tensor
+    """(D_out, D_in) contiguous: proj_l.weight itself (any float dtype; the kernel casts it), so
+    a call does no host-side weight preparation."""
+    proj_bias: torch.Tensor | None
+    """(D,) proj_l.bias or None."""
     eps: float
     phi_k: torch.Tensor | None = None
     """(B, H, L, D) phi(K) in the attention dtype, only for the paper's variant (linear over the
@@ -294,32 +372,13 @@ def _strides_bhld(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(2), t.stride(1)
 
 
-def _tma_ready(*tensors: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases, unit inner stride and 16-byte multiple outer strides."""
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any((s * size) % 16 for s in t.stride()[:-1]):
-            return False
-    return True
-
-
-_ALLOCATOR_SET = False
-
-
-def _ensure_tma_allocator() -> None:
-    """On-device tensor descriptors need a scratch allocator (set once, CUDA only)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET and not interpreting():
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-def tma_default() -> bool:
-    """TURBO_KERNELS_TMA=1 turns TMA descriptors on for every launch (Hopper+); the default is the
-    plain-pointer path."""
-    return os.environ.get("TURBO_KERNELS_TMA", "0") == "1"
+def with_tma_twins(configs: list[FlashConfig], tma: bool, lut_block_n: int | None = None) -> list[FlashConfig]:
+    """``configs`` plus, when ``tma``, a TMA copy of each config that loads one key block per step."""
+    out = list(configs)
+    if tma:
+        out += [replace(c, use_tma=True) for c in configs
+                if not c.use_tma and (lut_block_n is None or c.block_n == lut_block_n)]
+    return out
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -344,6 +403,7 @@ def launch_flash(
     sm_scale: float,
     lut: torch.Tensor | None = None,
     lut_block_m: int | None = None,
+    lut_block_n: int | None = None,
     quant: QuantizedQK | None = None,
     linear: LinearBranch | None = None,
     out: torch.Tensor | None = None,
@@ -351,21 +411,26 @@ def launch_flash(
     """Run `_flash_fwd`; q, k, v are (B, L, H, D) views, the output is a new (B, L, H, D) tensor.
 
     lut: (B, H, query blocks of lut_block_m rows, topk) int32, sorted ascending, key blocks of
-    config.block_n tokens; None means dense. quant: Sage's int8 Q/K (and FP8 V) replace q/k(/v)
-    as kernel operands. linear: SLA's epilogue.
+    lut_block_n tokens (default config.block_n; config.block_n = 2 * lut_block_n walks two LUT
+    entries per step); None means dense. quant: Sage's int8 Q/K (and FP8 V) replace q/k(/v) as
+    kernel operands. linear: SLA's epilogue.
     """
     B, L, H, D = q.shape
     bm, bn = config.block_m, config.block_n
-    num_kblocks = triton.cdiv(L, bn)
     out = torch.empty_like(q) if out is None else out
     qk_scale = sm_scale * LOG2E
     dense = lut is None
+    lut_block_n = lut_block_n or bn
     if dense:
         lut_t, topk, lut_rows, lut_block_m = q, 1, 1, bm
+        if lut_block_n != bn:
+            raise ValueError("dense attention walks key blocks of config.block_n; lut_block_n does not apply")
     else:
         lut_block_m = lut_block_m or bm
         if lut_block_m % bm:
             raise ValueError(f"block_m {bm} must divide the LUT's query block {lut_block_m}")
+        if bn not in (lut_block_n, 2 * lut_block_n):
+            raise ValueError(f"block_n {bn} must be the LUT's key block {lut_block_n} or twice it")
         lut_t, topk, lut_rows = lut, lut.shape[-1], lut.shape[-2]
         if lut.dtype != torch.int32 or not lut.is_contiguous() or lut_rows != triton.cdiv(L, lut_block_m):
             raise ValueError(f"LUT must be contiguous int32 (B, H, {triton.cdiv(L, lut_block_m)}, topk), "
@@ -385,17 +450,25 @@ def launch_flash(
             # (B, H, D, L_pad): batch, per-channel row, head strides.
             v_strides = (v_op.stride(0), v_op.stride(2), v_op.stride(1))
     raw_strides = _strides_bld(q)
+    proj_bias = False
     if linear is not None:
-        lin = (linear.kv_state, linear.k_state, linear.proj_weight_t, linear.proj_bias,
+        if not linear.proj_weight.is_contiguous() or tuple(linear.proj_weight.shape) != (D, D):
+            raise ValueError(f"proj_l weight must be a contiguous ({D}, {D}) tensor, got {tuple(linear.proj_weight.shape)}")
+        proj_bias = linear.proj_bias is not None
+        lin = (linear.kv_state, linear.k_state, linear.proj_weight, linear.proj_bias if proj_bias else q,
                linear.phi_k if linear.phi_k is not None else q, linear.eps, 1.0 / L)
     else:
         lin = (q, q, q, q, q, 0.0, 1.0)
     if linear is not None and linear.phi_k is not None and pv_fp8:
         raise ValueError("the paper's SLA variant (linear over unselected blocks) needs bf16/fp16 PV, not FP8")
 
-    use_tma = (config.use_tma or tma_default()) and _tma_ready(q_op, k_op, v_op, out)
+    mode = tma_mode()
+    use_tma = (config.use_tma or mode == "on") and mode != "off" and tma_ready(q_op, k_op, v_op, out)
+    if use_tma and bn != lut_block_n:
+        raise ValueError("TMA loads one contiguous key block per step; the two-block walk (block_n = 2 x the "
+                         "LUT's key block) needs plain pointers")
     if use_tma:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     grid = (triton.cdiv(L, bm), B * H)
     _flash_fwd[grid](
         q_op, k_op, v_op, out,  #
@@ -404,11 +477,11 @@ def launch_flash(
         lut_t, topk, lut_rows,  #
         q, *raw_strides,  #
         *lin,  #
-        H, L, num_kblocks, qk_scale,  #
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, LUT_BLOCK_M=lut_block_m,  #
-        DENSE=dense, EVEN_N=L % bn == 0, QK_INT8=quant is not None, PV_FP8=pv_fp8,  #
+        H, L, triton.cdiv(L, lut_block_n), qk_scale,  #
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, LUT_BLOCK_M=lut_block_m, LUT_BLOCK_N=lut_block_n,  #
+        DENSE=dense, EVEN_N=L % lut_block_n == 0, QK_INT8=quant is not None, PV_FP8=pv_fp8,  #
         LINEAR=linear is not None, LINEAR_UNSELECTED=linear is not None and linear.phi_k is not None,  #
-        USE_TMA=use_tma,  #
+        PROJ_BIAS=proj_bias, USE_TMA=use_tma,  #
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -20,6 +20,9 @@ from turbo_kernels.flash import LOG2E, QuantizedQK
 
 FP8_MAX = 448.0
 """Largest finite float8 e4m3fn value; V channels are scaled onto [-448, 448]."""
+QUANTIZE_KEYS_LAUNCH = {"num_warps": 8, "maxnreg": 96}
+"""8 warps capped at 96 registers (no spills on sm90): two 128-row blocks of K and V in flight per
+SM and half the instructions per thread of the 4-warp launch (which took 168-255 registers)."""
 
 
 @triton.jit(do_not_specialize=["H", "L", "l_pad"])
@@ -56,24 +59,29 @@ def quantize_keys(
     k_mean: torch.Tensor,
     block: int,
     v: torch.Tensor | None = None,
-    v_amax: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(k_int8 (B,H,L,D), k_scale (B,H,blocks), v_fp8_t (B,H,D,L_pad) or None, v_scale or None)."""
+    """(k_int8 (B,H,L,D), k_scale (B,H,blocks), v_fp8_t (B,H,D,L_pad) or None, v_scale or None).
+
+    v_scale: (B, H, D) per-channel max |v| / FP8_MAX (`pool_keys(..., v_amax=True)`); with it V is
+    written as pre-transposed FP8."""
     B, L, H, D = k.shape
     nb = triton.cdiv(L, block)
     k_int8 = torch.empty(B, H, L, D, device=k.device, dtype=torch.int8)
     k_scale = torch.empty(B, H, nb, device=k.device, dtype=torch.float32)
-    v_fp8 = v_amax is not None
+    v_fp8 = v_scale is not None
     if v_fp8:
-        v_scale = (v_amax / FP8_MAX).clamp_min(1e-20)
+        if v is None:
+            raise ValueError("quantize_keys needs v with v_scale")
         v_t = torch.empty(B, H, D, nb * block, device=k.device, dtype=torch.float8_e4m3fn)
     else:
         v, v_scale, v_t = k, k_scale, k_scale
+    launch = QUANTIZE_KEYS_LAUNCH if k.is_cuda else {"num_warps": QUANTIZE_KEYS_LAUNCH["num_warps"]}
     _quantize_keys_kernel[(nb, B * H)](
         k, k_mean, k_int8, k_scale, v, v_scale, v_t,  #
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),  #
         H, L, nb * block,  #
-        BLOCK=block, HEAD_DIM=D, V_FP8=v_fp8, num_warps=4,
+        BLOCK=block, HEAD_DIM=D, V_FP8=v_fp8, **launch,
     )
     return k_int8, k_scale, (v_t if v_fp8 else None), (v_scale if v_fp8 else None)
 

@@ -11,10 +11,11 @@ cores run at twice the bf16 rate, and sagesla uses TurboDiffusion's sm90 geometr
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from turbo_kernels.autotune import length_bucket, pick_config
+from turbo_kernels.autotune import close_to_reference, length_bucket, pick_config
 from turbo_kernels.block_mask import pool_keys, pool_queries
 from turbo_kernels.dense import attention_ref
 from turbo_kernels.dispatch import use_triton
@@ -29,6 +30,19 @@ SAGE_DENSE_CONFIGS = [
     FlashConfig(128, 128, num_warps=8, num_stages=3),
 ]
 """Autotune candidates of dense Sage; Q/K quantisation blocks follow the tile (block_m, block_n)."""
+
+
+PV_MODES = {"auto": None, "bf16": False, "fp8": True}
+"""TURBO_KERNELS_SAGE_PV values: the P@V precision sagesla uses when the caller does not pin it."""
+
+
+def sage_pv_mode() -> bool | None:
+    """TURBO_KERNELS_SAGE_PV=bf16|fp8 pins sagesla's P@V precision (the DiT's backend call has no
+    option for it); auto (default) leaves it to the autotuner's gated choice."""
+    value = os.environ.get("TURBO_KERNELS_SAGE_PV", "auto")
+    if value not in PV_MODES:
+        raise ValueError(f"TURBO_KERNELS_SAGE_PV must be one of {sorted(PV_MODES)}, got {value!r}")
+    return PV_MODES[value]
 
 
 def sagesla_geometry(device: torch.device) -> tuple[int, int]:
@@ -70,14 +84,14 @@ def sage_attention(
 
     def run(cfg: FlashConfig) -> torch.Tensor:
         q_pass = pool_queries(q, cfg.block_m, sm_scale * LOG2E)
-        k_pass = pool_keys(k, cfg.block_n, v, v_amax=pv_fp8)
-        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, cfg.block_n, v, k_pass.v_amax)
+        k_pass = pool_keys(k, cfg.block_n, v, v_amax=pv_fp8, k_mean=True)
+        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, cfg.block_n, v, k_pass.v_scale)
         quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
         return launch_flash(q, k, v, cfg, sm_scale=sm_scale, quant=quant)
 
     if config is None:
         key = ("sage", pv_fp8, length_bucket(q.shape[1]), q.shape[-1], q.dtype, q.device.type)
-        config = pick_config(key, SAGE_DENSE_CONFIGS, run)
+        config = pick_config(key, SAGE_DENSE_CONFIGS, run, accept=close_to_reference())
     return run(config)
 
 
@@ -89,13 +103,19 @@ def sagesla_attention(
     proj_l: torch.nn.Linear | None = None,
     *,
     geometry: tuple[int, int] | None = None,
-    pv_fp8: bool = False,
+    pv_fp8: bool | None = None,
     linear: str = "all",
     scale: float | None = None,
     config: FlashConfig | None = None,
 ) -> torch.Tensor:
-    """SLA with Sage's INT8 QK^T in the sparse branch; geometry (blkq, blkk) defaults per GPU."""
+    """SLA with Sage's INT8 QK^T in the sparse branch; geometry (blkq, blkk) defaults per GPU.
+
+    pv_fp8 None (the default): `sage_pv_mode` decides; unless pinned there, the autotuner picks
+    bf16 or FP8 P@V per shape where the GPU has FP8 MMAs, FP8 only if it keeps cosine >=
+    `turbo_kernels.sla.PV_FP8_MIN_COSINE` to bf16 P@V."""
     blkq, blkk = geometry or sagesla_geometry(q.device)
+    if pv_fp8 is None:
+        pv_fp8 = sage_pv_mode()
     return sparse_linear_attention(q, k, v, topk, proj_l, blkq=blkq, blkk=blkk, linear=linear, qk_int8=True,
                                    pv_fp8=pv_fp8, scale=scale, config=config)
 

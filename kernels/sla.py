@@ -5,11 +5,14 @@ phi = softmax over head_dim, S = phi(K)^T V and z = sum phi(k) over ALL tokens (
 proj_l the layer's fp32 Linear(head_dim, head_dim), zero-initialised in models (so an untrained
 layer is pure block-sparse attention). proj_l None skips the linear branch.
 
-The whole op is three Triton launches and a few tiny torch ops, with no host sync:
+The whole op is Triton launches only (six for sla, seven for sagesla), with no host sync:
 1. pool Q per query block (+ Sage's int8 Q, `pool_queries`);
-2. pool K per key block, with S and z reduced in the same pass over K and V (`pool_keys`);
-3. score the pooled blocks, top-k, sort (torch, (B, H, query blocks, key blocks));
-4. the flash kernel walks the LUT and adds the linear branch and proj_l in its epilogue.
+2. pool K per key block, with S and z reduced in the same pass over K and V, and one small launch
+   reducing the per-program partials (+ K's mean, the FP8 V scale) (`pool_keys`);
+3. score the pooled blocks and radix-select the sorted top-k LUT (two launches);
+4. Sage only: int8 K (and FP8 V^T) (`quantize_keys`);
+5. the flash kernel walks the LUT and adds the linear branch and proj_l (its own fp32 weight,
+   cast in the kernel) in its epilogue.
 ``linear="unselected"`` is the paper's variant (linear attention over the blocks the sparse branch
 did not take): the kernel subtracts the selected blocks' phi(q) phi(K_j)^T V_j on the fly.
 """
@@ -17,11 +20,19 @@ did not take): the kernel subtracts the selected blocks' phi(q) phi(K_j)^T V_j o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
+import triton
 
-from turbo_kernels.autotune import length_bucket, pick_config
-from turbo_kernels.block_mask import build_block_mask_ref, pool_keys, pool_queries, select_blocks
+from turbo_kernels.autotune import EXACT_MIN_COSINE, close_to_reference, length_bucket, pick_config
+from turbo_kernels.block_mask import (
+    build_block_mask_ref,
+    kept_blocks,
+    pool_keys,
+    pool_queries,
+    select_blocks_from_passes,
+)
 from turbo_kernels.block_sparse import block_sparse_attention_ref, check_lut, sparse_configs
 from turbo_kernels.dispatch import use_triton
 from turbo_kernels.flash import (
@@ -31,9 +42,11 @@ from turbo_kernels.flash import (
     QuantizedQK,
     check_qkv,
     launch_flash,
+    with_tma_twins,
 )
 from turbo_kernels.quant import LN2, dequantize_qk, quantize_keys, quantize_qk_ref
 from turbo_kernels.registry import AttentionMetadata, register_attention_backend
+from turbo_kernels.tma import tma_candidates_allowed
 
 LINEAR_EPS = 1e-5
 LINEAR_MODES = ("all", "unselected")
@@ -109,13 +122,33 @@ def sparse_linear_ref(
     return out.to(q.dtype)
 
 
-def _linear_branch(proj_l: torch.nn.Linear, kv_state, k_state, phi_k, dtype, length: int) -> LinearBranch:
-    weight_t = proj_l.weight.detach().t().to(dtype).contiguous()
-    if proj_l.bias is not None:
-        bias = proj_l.bias.detach().float().contiguous()
+PV_FP8_MIN_COSINE = 0.999
+"""An FP8 P@V candidate is admitted by the autotuner only if its output keeps this cosine to the
+bf16 P@V candidate's output on the call that tunes it (issue 8's sagesla-vs-sla gate)."""
+
+
+def fp8_pv_supported(device: torch.device) -> bool:
+    """e4m3 tensor-core MMAs: Ada (sm89) and Hopper or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+_ADMIT = close_to_reference(lambda cfg: PV_FP8_MIN_COSINE if cfg.pv_fp8 else EXACT_MIN_COSINE, lambda out: out[0])
+"""Candidates against the first (bf16 P@V, plain pointers): exact ones at EXACT_MIN_COSINE,
+FP8 P@V at PV_FP8_MIN_COSINE."""
+
+
+def sparse_linear_candidates(blkq: int, blkk: int, qk_int8: bool, pv_fp8: bool | None, linear: str,
+                             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[FlashConfig]:
+    """What the autotuner tries for one SLA call: the geometry's configs (Sage: one query tile per
+    quantisation block), with FP8 P@V when ``pv_fp8`` is None on a GPU that has it, and TMA twins
+    on Hopper. The first candidate (bf16 P@V, plain pointers) is the accuracy reference."""
+    configs = [c for c in sparse_configs(blkq, blkk) if not qk_int8 or c.block_m == blkq]
+    if pv_fp8 is None:
+        options = [False, True] if qk_int8 and linear == "all" and fp8_pv_supported(q.device) else [False]
     else:
-        bias = torch.zeros(weight_t.shape[1], device=weight_t.device, dtype=torch.float32)
-    return LinearBranch(kv_state, k_state, weight_t, bias, LINEAR_EPS / length, phi_k)
+        options = [pv_fp8]
+    configs = [replace(c, pv_fp8=p) for p in options for c in configs]
+    return with_tma_twins(configs, tma_candidates_allowed(q, k, v), blkk)
 
 
 def sparse_linear_attention(
@@ -129,15 +162,20 @@ def sparse_linear_attention(
     blkk: int = 64,
     linear: str = "all",
     qk_int8: bool = False,
-    pv_fp8: bool = False,
+    pv_fp8: bool | None = False,
     scale: float | None = None,
     config: FlashConfig | None = None,
     return_lut: bool = False,
+    select: str = "triton",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The whole SLA op (mask + sparse + linear + proj_l), plain or Sage-quantised.
 
-    qk_int8: Sage's INT8 Q/K (requires block_m == blkq); pv_fp8: FP8 e4m3 P@V (with qk_int8).
-    return_lut: also return the LUT the op built (benchmarks compare against the same mask).
+    qk_int8: Sage's INT8 Q/K (requires block_m == blkq); pv_fp8: FP8 e4m3 P@V (with qk_int8);
+    None lets the autotuner choose, admitting FP8 only past PV_FP8_MIN_COSINE. select: how the
+    LUT is selected (`turbo_kernels.block_mask.SELECT_METHODS`). return_lut: also return the LUT
+    the op built (benchmarks compare against the same mask). After one call per shape (the
+    autotuning one) a call launches only kernels: no host sync, no allocation-dependent host
+    logic, so it can be captured in a CUDA graph.
     """
     check_qkv(q, k, v)
     _check_linear_mode(linear)
@@ -151,40 +189,47 @@ def sparse_linear_attention(
         return (out, lut) if return_lut else out
 
     B, L, H, D = q.shape
-    has_linear = proj_l is not None
-    q_pass = pool_queries(q, blkq, sm_scale * LOG2E if qk_int8 else None)
-    k_pass = pool_keys(k, blkk, v, linear=has_linear, phi_out=has_linear and linear == "unselected",
-                       v_amax=pv_fp8)
-    lut = select_blocks(q_pass.pooled, k_pass.pooled, topk)
-    check_lut(lut, q, blkq, blkk)
-    quant = None
-    if qk_int8:
-        k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_amax)
-        quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
-    lin = None
-    bias_only = None
+    unselected = linear == "unselected"
+    # The paper's variant with every block exact has an empty linear branch: proj_l adds its bias.
+    everything_exact = unselected and kept_blocks(topk, triton.cdiv(L, blkk)) == triton.cdiv(L, blkk)
+    has_linear = proj_l is not None and not everything_exact
+    bias_only = proj_l.bias.detach() if proj_l is not None and everything_exact and proj_l.bias is not None else None
     if has_linear:
-        if linear == "unselected" and lut.shape[-1] == k_pass.pooled.shape[2]:
-            # Every block is exact: the linear branch is empty and proj_l adds only its bias.
-            bias_only = proj_l.bias.detach() if proj_l.bias is not None else None
-        else:
-            lin = _linear_branch(proj_l, k_pass.kv_state, k_pass.k_state, k_pass.phi_k, v.dtype, L)
+        proj_weight = proj_l.weight.detach()
+        proj_weight = proj_weight if proj_weight.is_contiguous() else proj_weight.contiguous()
+        proj_bias = proj_l.bias.detach() if proj_l.bias is not None else None
 
-    def run(cfg: FlashConfig) -> torch.Tensor:
-        return launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, quant=quant, linear=lin)
+    def run(cfg: FlashConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        q_pass = pool_queries(q, blkq, sm_scale * LOG2E if qk_int8 else None)
+        k_pass = pool_keys(k, blkk, v, linear=has_linear, phi_out=has_linear and unselected, v_amax=cfg.pv_fp8,
+                           k_mean=qk_int8)
+        lut = select_blocks_from_passes(q_pass, k_pass, topk, select)
+        quant = None
+        if qk_int8:
+            k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_scale)
+            quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
+        lin = None
+        if has_linear:
+            lin = LinearBranch(k_pass.kv_state, k_pass.k_state, proj_weight, proj_bias, LINEAR_EPS / L, k_pass.phi_k)
+        out = launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, lut_block_n=blkk,
+                           quant=quant, linear=lin)
+        if bias_only is not None:
+            out = (out.float() + bias_only.float()).to(q.dtype)
+        return out, lut
 
     if config is None:
-        key = ("sla", blkq, blkk, qk_int8, pv_fp8, lin is not None, linear, length_bucket(L), D, q.dtype,
-               q.device.type)
-        candidates = sparse_configs(blkq, blkk)
-        if qk_int8:
-            candidates = [c for c in candidates if c.block_m == blkq]
-        config = pick_config(key, candidates, run)
-    if config.block_n != blkk or (qk_int8 and config.block_m != blkq):
+        key = ("sla", blkq, blkk, qk_int8, "auto" if pv_fp8 is None else bool(pv_fp8), has_linear, linear, select,
+               length_bucket(L), D, q.dtype, q.device.type)
+        candidates = lambda: sparse_linear_candidates(blkq, blkk, qk_int8, pv_fp8, linear, q, k, v)  # noqa: E731
+        config = pick_config(key, candidates, run, accept=_ADMIT)
+    elif pv_fp8 and not config.pv_fp8:
+        config = replace(config, pv_fp8=True)
+    if config.block_n not in (blkk, 2 * blkk) or (qk_int8 and config.block_m != blkq):
         raise ValueError(f"config {config.describe()} does not fit blocks {blkq}x{blkk}")
-    out = run(config)
-    if bias_only is not None:
-        out = (out.float() + bias_only.float()).to(q.dtype)
+    if config.pv_fp8 and not qk_int8:
+        raise ValueError(f"config {config.describe()} has FP8 P@V, a Sage option: it needs qk_int8=True")
+    out, lut = run(config)
+    check_lut(lut, q, blkq, blkk)
     return (out, lut) if return_lut else out
 
 

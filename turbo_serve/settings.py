@@ -187,6 +187,11 @@ class Settings(BaseSettings):
     """When set, every route except /healthz and the web page needs `Authorization: Bearer <key>`."""
     text_cache_size: int = Field(256, ge=0)
     """Prompt embeddings kept by each TextEncoder replica (LRU)."""
+    gpu_exporter_port: int = Field(9401, ge=0, le=65535)
+    """Port of the per-node GPU exporter (turbo_gpu_* metrics); 0 takes a free one per node, which
+    Prometheus still finds through the exporters' file_sd file."""
+    gpu_exporter_host: str = "node"
+    """Address the GPU exporters bind: "node" (each node's Ray IP), or e.g. 127.0.0.1 or 0.0.0.0."""
 
     deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
     """Per deployment kind (Ingress, TextEncoder, Denoiser, VAE); a partial dict keeps the other

@@ -95,6 +95,48 @@ def test_block_sparse_masks_only_the_ragged_tail(rows):
     _assert_exact_gate(out, _masked_attention(q, k, v, _token_mask(lut, 260, 128, 64)))
 
 
+@pytest.mark.parametrize(
+    "length,rows",
+    [(300, [[0, 1]]), (300, [[0, 4]]), (300, [[1]]), (300, [[4]]), (300, [[0, 2, 4]]), (300, [[0, 1, 3]]),
+     (256, [[0, 1, 3]]), (256, [[2]])],
+    ids=["even", "even-tail", "odd", "odd-tail-only", "odd-tail", "odd-no-tail", "aligned-odd", "aligned-one"],
+)
+def test_two_block_walk_matches_masked_reference(length, rows):
+    """block_n = 2 x the LUT's key block: pairs of LUT entries per step, the leftover entry and the
+    ragged block in one masked step."""
+    q, k, v = _qkv(length, 2, 64, torch.float16, seed=13)
+    mq = math.ceil(length / 128)
+    lut = torch.tensor(rows, dtype=torch.int32).expand(mq, -1).reshape(1, 1, mq, -1).expand(1, 2, -1, -1).contiguous()
+    out = block_sparse_attention(q, k, v, lut, blkq=128, blkk=64, config=FlashConfig(128, 128))
+    _assert_exact_gate(out, _masked_attention(q, k, v, _token_mask(lut, length, 128, 64)))
+
+
+def test_two_block_walk_in_sla_and_sagesla():
+    q, k, v = _qkv(330, 2, 64, torch.float16, seed=14)
+    proj = _proj(64)
+    pair = FlashConfig(128, 128)
+    for topk in (0.34, 0.5):  # 2 and 3 of 6 key blocks: an even and an odd LUT row
+        out, lut = sparse_linear_attention(q, k, v, topk, proj, config=pair, return_lut=True)
+        _assert_exact_gate(out, sparse_linear_ref(q.float(), k.float(), v.float(), lut, proj, blkq=128, blkk=64))
+        out = sparse_linear_attention(q, k, v, topk, proj, config=pair, linear="unselected")
+        ref = sparse_linear_ref(q.float(), k.float(), v.float(), lut, proj, blkq=128, blkk=64, linear="unselected")
+        _assert_exact_gate(out, ref)
+        out = sagesla_attention(q, k, v, topk, proj, geometry=(128, 64), pv_fp8=False, config=pair)
+        exact = sparse_linear_ref(q.float(), k.float(), v.float(), lut, proj, blkq=128, blkk=64, qk_int8=True)
+        _assert_exact_gate(out, exact)
+        fp8 = sagesla_attention(q, k, v, topk, proj, geometry=(128, 64), pv_fp8=True, config=pair)
+        assert cosine_similarity(fp8, exact) >= 0.99  # interpreter fp8 rounding, see test_sage_fp8_pv_path
+
+
+def test_two_block_walk_rejects_tma_and_other_widths():
+    q, k, v = _qkv(200, 1, 64, torch.float16)
+    lut = build_block_mask(q, k, 0.5, 128, 64)
+    with pytest.raises(ValueError, match="plain pointers"):
+        block_sparse_attention(q, k, v, lut, config=FlashConfig(128, 128, use_tma=True))
+    with pytest.raises(ValueError, match="twice"):
+        block_sparse_attention(q, k, v, lut, config=FlashConfig(128, 32))
+
+
 @pytest.mark.parametrize("blkq,blkk", [(128, 64), (64, 128)])
 def test_block_sparse_with_every_block_equals_dense(blkq, blkk):
     q, k, v = _qkv(270, 2, 64, torch.float16, seed=4)

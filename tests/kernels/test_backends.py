@@ -79,3 +79,17 @@ def test_sequences_shorter_than_a_block_or_one_past_it(name, length):
     torch.nn.init.zeros_(proj.bias)
     out = get_attention_backend(name)(q, k, v, AttentionMetadata(name, 1.0), proj)
     assert cosine_similarity(out, attention_ref(q, k, v)) >= 0.999
+
+
+def test_sage_pv_mode_is_pinned_by_the_environment(monkeypatch):
+    from turbo_kernels.sage import sage_pv_mode
+
+    monkeypatch.delenv("TURBO_KERNELS_SAGE_PV", raising=False)
+    assert sage_pv_mode() is None  # auto: the autotuner's gated choice
+    monkeypatch.setenv("TURBO_KERNELS_SAGE_PV", "bf16")
+    assert sage_pv_mode() is False
+    monkeypatch.setenv("TURBO_KERNELS_SAGE_PV", "fp8")
+    assert sage_pv_mode() is True
+    monkeypatch.setenv("TURBO_KERNELS_SAGE_PV", "fp4")
+    with pytest.raises(ValueError, match="bf16"):
+        sage_pv_mode()

@@ -6,11 +6,13 @@ import triton
 
 from turbo_kernels.block_mask import (
     GEOMETRIES,
+    block_scores,
     build_block_mask,
     build_block_mask_ref,
     kept_blocks,
     pool_keys,
     pool_queries,
+    select_topk,
 )
 from turbo_kernels.flash import LOG2E
 from turbo_kernels.quant import quantize_keys, quantize_qk_ref
@@ -31,7 +33,7 @@ def _block_means(x, block):
 def test_pooling_divides_the_ragged_block_by_its_length(blkq, blkk):
     q, k, _ = _qkv(length=250)
     torch.testing.assert_close(pool_queries(q, blkq).pooled, _block_means(q, blkq))
-    keys = pool_keys(k, blkk)
+    keys = pool_keys(k, blkk, k_mean=True)
     torch.testing.assert_close(keys.mean, k.mean(1))
     torch.testing.assert_close(keys.pooled, _block_means(k - k.mean(1, keepdim=True), blkk), atol=1e-5, rtol=1e-5)
 
@@ -50,6 +52,54 @@ def test_lut_matches_reference_and_is_sorted_int32(blkq, blkk, topk):
     assert torch.equal(lut, build_block_mask_ref(q, k, topk, blkq, blkk))
     if topk == 1.0:
         assert torch.equal(lut, torch.arange(nk, dtype=torch.int32).expand_as(lut))
+
+
+def test_key_pass_reduces_the_linear_state_and_mean():
+    q, k, v = _qkv(length=330, heads=2)
+    keys = pool_keys(k, 64, v, linear=True, v_amax=True)
+    phi = torch.softmax(k, dim=-1)
+    torch.testing.assert_close(keys.kv_state, torch.einsum("blhd,blhe->bhde", phi, v) / 330, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(keys.k_state, phi.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys.mean, k.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys.v_scale, v.abs().amax(1) / 448.0)
+    assert pool_keys(k, 64).mean is None  # the mask alone needs no reduction launch
+
+
+@pytest.mark.parametrize("nk,kept", [(5, 1), (5, 5), (100, 10), (600, 59), (1182, 118)])
+def test_radix_select_equals_torch_topk(nk, kept):
+    gen = torch.Generator().manual_seed(nk)
+    score = torch.randn(2, 3, 7, nk, generator=gen) * torch.logspace(-3, 3, nk)[torch.randperm(nk, generator=gen)]
+    lut = select_topk(score, kept)
+    assert lut.dtype == torch.int32 and tuple(lut.shape) == (2, 3, 7, kept)
+    expected = torch.topk(score, kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    assert torch.equal(lut, expected)
+
+
+def test_radix_select_breaks_ties_towards_low_columns():
+    score = torch.tensor([[1.0, -0.0, 0.0, 2.0, 1.0, 1.0, -3.0, 1.0], [-1.0, -1.0, -2.0, -1.0, -5.0, -1.0, -1.0, -1.0]])
+    # Row 0: 2.0 then three of the four 1.0s (the lowest columns); row 1: four of the six -1.0s.
+    assert select_topk(score, 4).tolist() == [[0, 3, 4, 5], [0, 1, 3, 5]]
+    assert select_topk(score, 8).tolist() == [list(range(8))] * 2
+    assert select_topk(score[:, :3], 2).tolist() == [[0, 2], [0, 1]]  # +0.0 ranks above -0.0
+
+
+def test_block_scores_rank_like_mean_smoothed_keys():
+    """Centring by block 0 instead of K's mean shifts every score row by a constant."""
+    q, k, _ = _qkv(length=330, heads=2)
+    queries, keys = pool_queries(q, 64), pool_keys(k, 64)
+    score = block_scores(queries.pooled, keys)
+    smoothed = queries.pooled @ keys.pooled.transpose(-1, -2)
+    shift = score - smoothed
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("blkq,blkk", GEOMETRIES)
+def test_torch_selection_stays_selectable(blkq, blkk):
+    q, k, _ = _qkv(length=300, heads=2, dtype=torch.float16)
+    lut = build_block_mask(q, k, 0.3, blkq, blkk, method="torch")
+    assert torch.equal(lut, build_block_mask(q, k, 0.3, blkq, blkk))
+    with pytest.raises(ValueError, match="triton"):
+        build_block_mask(q, k, 0.3, blkq, blkk, method="numpy")
 
 
 def test_lut_keeps_the_best_scoring_blocks():
@@ -84,7 +134,7 @@ def test_sage_quantisation_matches_reference(blkq, blkk):
     queries = pool_queries(q, blkq, sm_scale * LOG2E)
     assert torch.equal(queries.q_int8, ref.q)
     torch.testing.assert_close(queries.q_scale, ref.q_scale)
-    keys = pool_keys(k, blkk)
+    keys = pool_keys(k, blkk, k_mean=True)
     k_int8, k_scale, v_t, v_scale = quantize_keys(k, keys.mean, blkk)
     assert v_t is None and v_scale is None
     # K's mean comes from block sums in a different order than torch's mean: allow rare +-1 ties.
@@ -96,8 +146,8 @@ def test_sage_quantisation_matches_reference(blkq, blkk):
 def test_fp8_v_is_transposed_padded_and_scaled_per_channel():
     _, k, v = _qkv(length=200, dim=64)
     keys = pool_keys(k, 64, v, v_amax=True)
-    torch.testing.assert_close(keys.v_amax, v.abs().amax(1))
-    _, _, v_t, v_scale = quantize_keys(k, keys.mean, 64, v, keys.v_amax)
+    torch.testing.assert_close(keys.v_scale, v.abs().amax(1) / 448.0)
+    _, _, v_t, v_scale = quantize_keys(k, keys.mean, 64, v, keys.v_scale)
     assert v_t.dtype == torch.float8_e4m3fn and tuple(v_t.shape) == (1, 2, 64, triton.cdiv(200, 64) * 64)
     assert float(v_t[..., 200:].float().abs().max()) == 0.0
     restored = (v_t[..., :200].float() * v_scale[..., None]).permute(0, 3, 1, 2)

@@ -58,6 +58,28 @@ def test_triton_linear_matches_reference(m, k, n, config):
     assert float((out - exact).norm() / exact.norm()) < 0.02
 
 
+@pytest.mark.parametrize("config", [GemmConfig(128, 128, 4, 2, fast_convert=False), GemmConfig(128, 128, 4, 2),
+                                    GemmConfig(128, 128, 4, 2, k_unroll=2), GemmConfig(64, 128, 4, 2, k_unroll=2),
+                                    GemmConfig(128, 128, 4, 2, use_tma=True)])
+def test_gemm_variants_agree_exactly(config):
+    """Integer-add conversion and unrolled K steps change no bit, also at the int32 extremes
+    (|sum| = 128 * 127 * 128 per K tile), with an odd K-tile count or a ragged K, and through TMA
+    descriptors (whose out-of-range rows and columns read as zeros)."""
+    gen = torch.Generator().manual_seed(8)
+    for k in (384, 320):
+        xq = torch.randint(-127, 128, (130, k), generator=gen, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (200, k), generator=gen, dtype=torch.int8)
+        xq[:64], wq[:64] = 127, -128  # extreme tiles
+        xs = torch.rand(2, (k + 127) // 128, generator=gen) + 0.5
+        ws = torch.rand(2, (k + 127) // 128, generator=gen) + 0.5
+        out = w8a8_matmul(xq, xs, wq, ws, None, torch.float32, config=config)
+        ref = dequantize_tiles(xq, xs) @ dequantize_tiles(wq, ws).t()
+        assert float((out - ref).abs().max() / ref.abs().max()) < 1e-6
+        baseline = w8a8_matmul(xq, xs, wq, ws, None, torch.float32, config=GemmConfig(128, 128, 4, 2, fast_convert=False))
+        if config.block_m == 128 and config.k_unroll == 1:
+            assert torch.equal(out, baseline)
+
+
 def test_linear_keeps_leading_dims_dtype_and_optional_bias():
     x = _rand(2, 70, 128, seed=4).half()
     w = _rand(256, 128, seed=5, scale=0.05)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from turbo_kernels.w8a8 import dequantize_tiles, quantize_tiles
+from turbo_serve.models import wan_dit
 from turbo_serve.models.checkpoint import CheckpointKeyError
 from turbo_serve.models.configs import get_preset
 from turbo_serve.models.loading import inspect_dit_checkpoint, load_dit
@@ -130,8 +131,10 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[key], sb[key]), key
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch-norms", "fused-norms"])
 @pytest.mark.parametrize("in_channels", [16, 36])
-def test_diffusers_folder_matches_diffusers_forward(in_channels, t2v, tmp_path):
+def test_diffusers_folder_matches_diffusers_forward(in_channels, fused, t2v, tmp_path, monkeypatch):
+    monkeypatch.setattr(wan_dit, "FUSED_NORMS", fused)  # fused: the Triton kernels, interpreted
     if in_channels == 16:
         reference, folder = t2v
     else:

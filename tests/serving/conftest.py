@@ -30,6 +30,8 @@ def served_app(tmp_path_factory) -> ServedApp:
         lease_s=3.0,
         poll_interval_s=0.2,
         job_max_attempts=2,
+        gpu_exporter_port=0,  # any free port: several test sessions may share a host
+        gpu_exporter_host="127.0.0.1",
         deployments={
             "Denoiser": {**gpu_share, "num_gpus": 0.5, "graceful_shutdown_timeout_s": 5.0},
             "VAE": {**gpu_share, "num_gpus": 0.25, "graceful_shutdown_timeout_s": 5.0},

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.ray
 
 def test_turbo_serve_serve_prints_the_url_and_serves(tmp_path):
     port = free_port()
-    command = [str(Path(sys.executable).with_name("turbo-serve")), "serve", "--port", str(port), "--num-cpus", "2"]
+    command = [str(Path(sys.executable).with_name("turbo-serve")), "serve", "--port", str(port), "--num-cpus", "2",
+               "--metrics-export-port", str(free_port()), "--set", "gpu_exporter_port=0"]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:

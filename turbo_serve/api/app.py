@@ -43,6 +43,7 @@ from turbo_serve.jobs.record import IdempotencyConflict, IllegalTransition, JobR
 from turbo_serve.jobs.runner import JobRunner
 from turbo_serve.jobs.storage import Storage, input_key
 from turbo_serve.jobs.store import JobStore
+from turbo_serve.metrics import ServingMetrics
 from turbo_serve.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class ApiContext:
     """Replicas per deployment and GPU state (the serving layer provides it)."""
     shutdown_grace_s: float = 30.0
     """How long a stopping replica lets its running jobs finish before it re-queues them."""
+    metrics: ServingMetrics = dataclasses.field(default_factory=ServingMetrics)
+    """Counts 422s and 429s (Ray's metrics inside a replica, a local registry elsewhere)."""
 
 
 class ApiError(Exception):
@@ -90,7 +93,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     app = FastAPI(title="turbo-serve", version="0.1.0", lifespan=lifespan,
                   description="TurboDiffusion video generation; OpenAI Videos API shape.")  # fmt: skip
-    _install_error_handlers(app)
+    _install_error_handlers(app, ctx.metrics)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -141,6 +144,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         try:
             stored, created = await store_call(ctx.store.create, record, max_active=settings.max_queued_jobs)
         except QueueFull as error:
+            ctx.metrics.count_rejected(spec.model)
             raise ApiError(429, f"the queue is full ({error}); retry later", code="queue_full",
                            headers={"Retry-After": str(ctx.runner.retry_after_s())}) from None  # fmt: skip
         except IdempotencyConflict as error:
@@ -329,9 +333,10 @@ async def _parse_form(request: Request, body: bytes, settings: Settings) -> tupl
     return data, image
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
     @app.exception_handler(FieldError)
     async def field_error(_: Request, error: FieldError) -> JSONResponse:
+        metrics.count_validation_error(error.errors[0][0])
         details = [{"param": p, "message": m} for p, m in error.errors]
         return error_response(422, str(error), code="invalid_value", param=error.errors[0][0], details=details)
 

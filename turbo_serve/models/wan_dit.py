@@ -9,9 +9,15 @@ files). `turbo_serve.models.loading` maps every checkpoint layout onto these nam
 Numerics: LayerNorm, the adaptive modulation, the gates, the time embedding and the head run in
 float32 as in Wan; RoPE is applied in float32; the residual stream stays in the model dtype between
 updates (as TurboDiffusion and diffusers keep it).
+Norms, modulation, q/k RMSNorm + RoPE and the residual updates of a block run either as the PyTorch
+ops below or (on CUDA, `FUSED_NORMS`) as the one-pass kernels of `turbo_kernels.fused_norm`: the
+same function, except that the fused q/k path rounds to the model dtype once (after RoPE) where
+the PyTorch one also rounds after RMSNorm.
 Self-attention goes through the attention registry, picked per forward by
 `AttentionMetadata.attention_type`, so one loaded model serves every backend. Blocks contain no
-data-dependent Python control flow, so `torch.compile(block, fullgraph=True)` traces them whole.
+data-dependent Python control flow, so `torch.compile(block, fullgraph=True)` traces them whole
+(the fused path on CUDA, where its kernels are Triton kernels), and nothing in a block syncs with
+the host, so a whole forward can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbo_kernels.fused_norm import gated_residual, gated_residual_layernorm, layernorm_modulate, rmsnorm_rope
 from turbo_kernels.registry import AttentionBackend, AttentionMetadata, get_attention_backend
 from turbo_serve.models.configs import WanDiTConfig
 
@@ -34,6 +41,16 @@ DEFAULT_ATTENTION = AttentionMetadata()
 """Dense SDPA ("original"): what a forward without attention settings uses."""
 # Grids whose RoPE tables a model keeps (one per resolution in use).
 _ROPE_CACHE_SIZE = 8
+FUSED_NORMS: bool | None = None
+"""Blocks use turbo_kernels.fused_norm (True) or the PyTorch ops (False); None: the kernels on CUDA.
+On the CPU the entry points run their Triton kernels only under Triton's interpreter, as Python,
+several times slower per step than the PyTorch ops (too slow for the serving tests' jobs), and their
+PyTorch references otherwise, so a CPU model keeps the PyTorch ops unless this is set to True."""
+
+
+def fused_norms(x: torch.Tensor) -> bool:
+    """Whether a block given activations `x` takes the fused kernels (see `FUSED_NORMS`)."""
+    return x.is_cuda if FUSED_NORMS is None else FUSED_NORMS
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -129,8 +146,11 @@ class WanSelfAttention(nn.Module):
     ) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope)
-        k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope)
+        if fused_norms(x):
+            q, k = rmsnorm_rope(q, k, self.norm_q.weight, self.norm_k.weight, *rope, self.norm_q.eps, self.num_heads)
+        else:
+            q = apply_rope(self.norm_q(q).unflatten(-1, heads), *rope)
+            k = apply_rope(self.norm_k(k).unflatten(-1, heads), *rope)
         out = attend(q, k, v.unflatten(-1, heads), meta, self.proj_l)
         return self.o(out.flatten(2))
 
@@ -184,11 +204,19 @@ class WanBlock(nn.Module):
         attend: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """x (B, L, dim) model dtype; e0 (B, 6, dim) float32; context (B, text_len, dim)."""
+        """x (B, L, dim) model dtype, left unchanged; e0 (B, 6, dim) float32; context (B, text_len, dim)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        x = _gated_residual(x, self.self_attn(_modulate(x, shift1, scale1, self.eps), rope, attend, meta), gate1)
-        x = x + self.cross_attn(self.norm3(x).to(x.dtype), context)
-        return _gated_residual(x, self.ffn(_modulate(x, shift2, scale2, self.eps)), gate2)
+        if not fused_norms(x):
+            x = _gated_residual(x, self.self_attn(_modulate(x, shift1, scale1, self.eps), rope, attend, meta), gate1)
+            x = x + self.cross_attn(self.norm3(x).to(x.dtype), context)
+            return _gated_residual(x, self.ffn(_modulate(x, shift2, scale2, self.eps)), gate2)
+        # The same steps in one pass each: norm3 shares its pass with the first residual, the second
+        # modulation with the cross-attention residual; the residual stream after the first update
+        # belongs to this call, so it is updated in place.
+        y = self.self_attn(layernorm_modulate(x, shift1, scale1, self.eps), rope, attend, meta)
+        x, normed = gated_residual_layernorm(x, y, gate1, self.norm3.weight, self.norm3.bias, self.eps)
+        y = layernorm_modulate(x, shift2, scale2, self.eps, residual=self.cross_attn(normed, context))
+        return gated_residual(x, self.ffn(y), gate2, inplace=True)
 
 
 class WanHead(nn.Module):

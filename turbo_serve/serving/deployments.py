@@ -18,8 +18,11 @@ from ray import serve
 from turbo_serve.jobs.runner import DenoiseOutput, StepReporter
 from turbo_serve.jobs.storage import Storage
 from turbo_serve.jobs.store import open_store
+from turbo_serve.metrics import ServingMetrics
+from turbo_serve.metrics.gpu_fleet import report_replica_gpus
 from turbo_serve.models.configs import get_preset
 from turbo_serve.pipeline.spec import GenerationSpec
+from turbo_serve.serving.gpu import gpu_exporter_settings
 from turbo_serve.settings import Settings
 
 
@@ -45,6 +48,8 @@ class TextEncoder:
         self._pending: dict[str, asyncio.Future] = {}
         self._cache_size = settings.text_cache_size
         self.hits = self.misses = 0
+        self._metrics, self._model = ServingMetrics(), settings.default_model
+        report_replica_gpus(gpu_exporter_settings(settings))
 
     async def encode(self, prompt: str):
         """[text_len, text_dim] CPU tensor of one prompt. A prompt already being encoded for
@@ -53,12 +58,15 @@ class TextEncoder:
         if cached is not None:
             self._cache.move_to_end(prompt)
             self.hits += 1
+            self._metrics.count_text_cache(True, self._model)
             return cached
         pending = self._pending.get(prompt)
         if pending is not None:
             self.hits += 1
+            self._metrics.count_text_cache(True, self._model)
             return await asyncio.shield(pending)
         self.misses += 1
+        self._metrics.count_text_cache(False, self._model)
         task = asyncio.ensure_future(self._encode_batch(prompt))
         self._pending[prompt] = task
         try:
@@ -104,6 +112,7 @@ class Denoiser:
         self._store = open_store(settings.resolved_job_store_url)
         # One generation at a time: a cancelled request's thread finishes its step before the next starts.
         self._busy = threading.Lock()
+        report_replica_gpus(gpu_exporter_settings(settings))
 
     async def denoise(self, job_id: str, owner: str, spec: GenerationSpec, text, negative_text, condition) -> DenoiseOutput:
         """Latents of the job; progress goes to the job store after every step, and the loop stops
@@ -136,6 +145,7 @@ class VAE:
         needs_images = any(get_preset(m).task == "i2v" for m in settings.models)
         self._image_encoder = ImageEncodeStage(config) if needs_images else None
         self._storage = Storage(settings.storage_dir)
+        report_replica_gpus(gpu_exporter_settings(settings))
 
     async def encode_image(self, image_key: str, width: int, height: int, num_frames: int):
         """The I2V condition [20, T, H/8, W/8] of the stored image."""

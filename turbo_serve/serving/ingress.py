@@ -8,6 +8,7 @@ Ray) and hands it the Ray-backed pieces, the stage handles and the cluster statu
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -21,8 +22,13 @@ from turbo_serve.jobs.record import JobRecord
 from turbo_serve.jobs.runner import DenoiseOutput, JobCancelled, JobRunner, WorkerLost
 from turbo_serve.jobs.storage import Storage
 from turbo_serve.jobs.store import open_store
-from turbo_serve.serving.gpu import gpu_snapshot
+from turbo_serve.metrics import ServingMetrics
+from turbo_serve.metrics.gpu_fleet import ensure_gpu_exporters
+from turbo_serve.metrics.job_metrics import JobMetrics, report_job_states
+from turbo_serve.serving.gpu import gpu_exporter_settings, gpu_snapshot
 from turbo_serve.settings import Settings
+
+logger = logging.getLogger("ray.serve")
 
 _LOST = (RayActorError, DeploymentUnavailableError)
 """Replica death or unreachability (ActorDiedError, ActorUnavailableError are RayActorErrors)."""
@@ -100,10 +106,20 @@ class Ingress:
     async def __init__(self, settings: Settings, text_encoder, vae, denoisers: dict[str, Any]):
         store = open_store(settings.resolved_job_store_url)
         storage = Storage(settings.storage_dir)
-        runner = JobRunner.from_settings(settings, store, HandleStages(text_encoder, vae, denoisers), storage)
+        metrics = ServingMetrics()
+        runner = JobRunner.from_settings(
+            settings, store, HandleStages(text_encoder, vae, denoisers), storage, observer=JobMetrics(metrics)
+        )
         # Leave Serve's force-kill deadline some room to re-queue what did not finish.
         grace = max(0.0, settings.deployments["Ingress"].graceful_shutdown_timeout_s - 10.0)
-        self._context = ApiContext(settings, store, storage, runner, ClusterStatus(), shutdown_grace_s=grace)
+        self._context = ApiContext(
+            settings, store, storage, runner, ClusterStatus(), shutdown_grace_s=grace, metrics=metrics
+        )
+        loop = asyncio.get_running_loop()
+        self._metric_tasks = [
+            loop.create_task(report_job_states(store, metrics)),
+            loop.create_task(_start_gpu_exporters(settings)),
+        ]
 
     def __serve_build_asgi_app__(self):
         return create_app(self._context)
@@ -111,3 +127,13 @@ class Ingress:
     def check_health(self) -> None:
         if self._context.runner.failed():
             raise RuntimeError("the job runner loop stopped")
+
+
+async def _start_gpu_exporters(settings: Settings) -> None:
+    """One GPU exporter per node, started from the app itself so `serve run` and `serve deploy`
+    get them too; idempotent across Ingress replicas. GPU metrics are not worth failing for."""
+    try:
+        sd_file, targets = await asyncio.to_thread(ensure_gpu_exporters, gpu_exporter_settings(settings))
+        logger.info("GPU exporters %s, listed for Prometheus in %s", sorted(targets.values()), sd_file)
+    except Exception:
+        logger.exception("GPU exporters did not start; turbo_gpu_* metrics are missing, serving goes on")

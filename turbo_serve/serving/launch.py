@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default cpu)")
     parser.add_argument("--num-cpus", type=float, help="logical CPUs of the local Ray (default: all cores)")
     parser.add_argument("--num-gpus", type=float, help="logical GPUs of the local Ray (default: detected)")
+    parser.add_argument("--metrics-export-port", type=int, default=8080,
+                        help="Ray's metrics port (Prometheus scrapes it; 0 = any free port; default 8080)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override one setting (repeatable)")  # fmt: skip
 
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from turbo_serve.metrics.gpu_fleet import SD_FILE_NAME
     from turbo_serve.serving.app import build_app
 
     try:
@@ -65,13 +68,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"turbo-serve serve: {error}")
         return 2
-    ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    # `serve run` cannot set the metrics port (ray-project/ray#44426), so the local Ray started here does.
+    ray.init(num_cpus=args.num_cpus, num_gpus=args.num_gpus, _metrics_export_port=args.metrics_export_port or None)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         print(f"\nturbo-serve is up: http://{host}:{args.port}/  (models: {', '.join(settings.models)}; "
               f"API under /v1; Ctrl-C stops it)", flush=True)  # fmt: skip
+        print(f"metrics: Ray's on port {ray.nodes()[0]['MetricsExportPort']}, GPU exporters listed in "
+              f"<Ray temp dir>/{SD_FILE_NAME} (see deploy/prometheus/prometheus.yml)", flush=True)  # fmt: skip
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())

@@ -1,0 +1,32 @@
+"""Exact numeric conversions that stay off Hopper's quarter-rate conversion instructions.
+
+I2F and F2I run at 16 per clock per SM on sm90, a quarter of the FP32 rate and as slow as the
+MUFU.EX2 of the softmax. Where the value range is known, an integer add plus a float add does
+the same job exactly: for |v| < 2**22, the fp32 number 1.5 * 2**23 + v has exactly v in its low
+mantissa bits.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAGIC_F32 = tl.constexpr(12582912.0)
+"""1.5 * 2**23: fp32 numbers in [2**23, 2**24) are the integers, one per bit pattern."""
+MAGIC_BITS = tl.constexpr(0x4B400000)
+"""The fp32 bit pattern of MAGIC_F32."""
+
+
+@triton.jit
+def int32_to_float_exact(x):
+    """int32 -> fp32 for |x| < 2**22 (an int8 x int8 dot over up to 256 terms): integer add and
+    float subtract instead of I2F."""
+    return (x + MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC_F32
+
+
+@triton.jit
+def round_to_int8(y):
+    """int8 of fp32 y in [-127, 127], rounded half to even (torch.round's rule): adding
+    1.5 * 2**23 rounds y to an integer in the FPU's round-to-nearest-even mode and leaves it in
+    the low bits, so no F2I is needed."""
+    return ((y + MAGIC_F32).to(tl.int32, bitcast=True) - MAGIC_BITS).to(tl.int8)
