@@ -202,6 +202,7 @@ def app_settings(args, workdir: Path, denoiser_autoscaling: dict, vae_max: int):
     TextEncoder (0.1). The VAE scales up from zero, so it only starts once the Denoisers hold their
     GPUs: Ray fits a fraction where it fits best, i.e. into a Denoiser GPU's 0.2-0.3 gap, never
     onto a free GPU a Denoiser will need."""
+    from turbo_serve.models.tokenizer import ensure_tiny_tokenizer
     from turbo_serve.settings import Settings
 
     model, *_ = args.workloads["throughput"]
@@ -218,8 +219,11 @@ def app_settings(args, workdir: Path, denoiser_autoscaling: dict, vae_max: int):
                                 "downscale_delay_s": 600.0, **fast}},
     }  # fmt: skip
     most = denoiser_autoscaling["max_replicas"]
+    # Random weights: the real UMT5 architecture reads token ids of the tiny tokenizer (no download).
+    tokenizer = str(ensure_tiny_tokenizer(workdir / "tokenizer"))
     return Settings(
         models=[model],
+        checkpoints={model: {"tokenizer": tokenizer}},
         device=args.device,
         dtype="float32" if args.smoke else "bfloat16",
         attention_type=args.attention,
@@ -494,6 +498,8 @@ def latency_rank(rank: int, init_method: str, world: int, args: dict) -> dict[st
         result: dict[str, Any] = {"ranks": world, "tokens": None}
         for variant, graphs in (("graphs", True), ("eager", False)):
             timer = CollectiveTimer() if not graphs else None
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             stage = ParallelDenoiseStage(replace(config, cuda_graphs=graphs), groups, timer)
             start = time.perf_counter()
             stage(spec, text)  # warm-up: Triton autotuning, CUDA graph capture
