@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from turbo_serve.models.configs import get_preset
@@ -62,9 +62,29 @@ class DeploymentSettings(BaseModel):
     health_check_timeout_s: float = Field(60.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
     """How long Serve lets in-flight requests finish before it kills a stopping replica."""
+    sequence_parallel: int = Field(1, ge=1)
+    """Denoiser only: GPUs (ranks) sharing each DiT forward's tokens (Ulysses); must divide the
+    model's head count (12 for 1.3B: 1, 2, 3, 4, 6, 12; 40 for 14B: 1, 2, 4, 5, 8, 10)."""
+    cfg_parallel: bool = False
+    """Denoiser only: run the teacher sampler's two guidance branches on two ranks (doubles the ranks)."""
+
+    @property
+    def ranks(self) -> int:
+        """Processes (and GPUs, with num_gpus 1) one replica spans."""
+        return self.sequence_parallel * (2 if self.cfg_parallel else 1)
+
+    def rank_resources(self, default_num_gpus: float = 0.0) -> dict[str, float]:
+        """Ray resources of each rank: one placement-group bundle (zero entries left out)."""
+        num_gpus = default_num_gpus if self.num_gpus is None else self.num_gpus
+        return {name: value for name, value in (("CPU", self.num_cpus), ("GPU", num_gpus)) if value > 0}
 
     def serve_options(self, default_num_gpus: float = 0.0) -> dict[str, Any]:
-        """Keyword arguments for `Deployment.options(...)`."""
+        """Keyword arguments for `Deployment.options(...)`.
+
+        A replica of several ranks reserves one bundle per rank, STRICT_PACK (one node: the
+        all-to-alls need NVLink); Serve runs the replica itself in bundle 0 and the replica starts
+        its worker actors in the others.
+        """
         num_gpus = default_num_gpus if self.num_gpus is None else self.num_gpus
         options: dict[str, Any] = {
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": num_gpus},
@@ -77,6 +97,12 @@ class DeploymentSettings(BaseModel):
             options["num_replicas"] = 1
         else:
             options["autoscaling_config"] = self.autoscaling.model_dump()
+        if self.ranks > 1:
+            bundle = self.rank_resources(default_num_gpus)
+            if not bundle:
+                raise ValueError("a Denoiser of several ranks needs num_cpus or num_gpus > 0 per rank (its bundles)")
+            options["placement_group_bundles"] = [bundle] * self.ranks
+            options["placement_group_strategy"] = "STRICT_PACK"
         return options
 
 
@@ -96,6 +122,12 @@ def _default_deployments() -> dict[str, DeploymentSettings]:
 
 
 DEPLOYMENT_KINDS = ("Ingress", "TextEncoder", "Denoiser", "VAE")
+
+
+def denoiser_name(model: str) -> str:
+    """The Denoiser deployment of one model (config files override deployments by this name)."""
+    return f"Denoiser-{model}"
+
 _CUDA_NUM_GPUS = {"Ingress": 0.0, "TextEncoder": 0.5, "Denoiser": 1.0, "VAE": 0.5}
 
 
@@ -168,7 +200,8 @@ class Settings(BaseSettings):
 
     deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
     """Per deployment kind (Ingress, TextEncoder, Denoiser, VAE); a partial dict keeps the other
-    kinds' defaults."""
+    kinds' defaults. `Denoiser-<model>` entries override the Denoiser kind for one served model
+    (e.g. data-parallel 1.3B replicas next to a sequence_parallel 4 14B replica)."""
 
     @field_validator("models", mode="before")
     @classmethod
@@ -197,18 +230,28 @@ class Settings(BaseSettings):
 
     @field_validator("deployments", mode="before")
     @classmethod
-    def _merge_deployment_defaults(cls, value: Any) -> Any:
+    def _merge_deployment_defaults(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, dict):
             return value
-        canonical = {kind.lower(): kind for kind in DEPLOYMENT_KINDS}  # env variable names arrive lower-cased
-        unknown = [k for k in value if k.lower() not in canonical]
+        # Env variable names arrive lower-cased.
+        canonical = {kind.lower(): kind for kind in DEPLOYMENT_KINDS}
+        per_model = {denoiser_name(m).lower(): denoiser_name(m) for m in info.data.get("models", [])}
+        unknown = [k for k in value if k.lower() not in canonical and k.lower() not in per_model]
         if unknown:
-            raise ValueError(f"unknown deployment {sorted(unknown)}; valid: {', '.join(DEPLOYMENT_KINDS)}")
+            valid = ", ".join([*DEPLOYMENT_KINDS, *per_model.values()])
+            raise ValueError(f"unknown deployment {sorted(unknown)}; valid: {valid}")
+
+        def dump(override: Any) -> Any:
+            return override.model_dump(exclude_unset=True) if isinstance(override, BaseModel) else override
+
         merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_deployments().items()}
         for name, override in value.items():
-            kind = canonical[name.lower()]
-            override = override.model_dump(exclude_unset=True) if isinstance(override, BaseModel) else override
-            merged[kind] = {**merged[kind], **override}
+            if name.lower() in canonical:
+                kind = canonical[name.lower()]
+                merged[kind] = {**merged[kind], **dump(override)}
+        for name, override in value.items():  # after the kinds: a model's entry builds on its kind's
+            if name.lower() in per_model:
+                merged[per_model[name.lower()]] = {**merged["Denoiser"], **dump(override)}
         return merged
 
     @model_validator(mode="after")
@@ -216,6 +259,20 @@ class Settings(BaseSettings):
         unknown = set(self.checkpoints) - set(self.models)
         if unknown:
             raise ValueError(f"checkpoints given for models not served: {sorted(unknown)}; served: {self.models}")
+        return self
+
+    @model_validator(mode="after")
+    def _parallelism_fits(self) -> "Settings":
+        for name, deployment in self.deployments.items():
+            if deployment.ranks > 1 and name in ("Ingress", "TextEncoder", "VAE"):
+                raise ValueError(f"sequence_parallel/cfg_parallel are Denoiser settings, not {name}'s")
+        from turbo_serve.parallel.distributed import check_sequence_parallel
+
+        for model in self.models:
+            try:
+                check_sequence_parallel(self.denoiser_settings(model).sequence_parallel, get_preset(model).dit.num_heads)
+            except ValueError as error:
+                raise ValueError(f"{denoiser_name(model)} ({model}): {error}") from None
         return self
 
     def with_absolute_paths(self) -> "Settings":
@@ -230,10 +287,34 @@ class Settings(BaseSettings):
             "job_store_url": url,
         })  # fmt: skip
 
-    def deployment_options(self, kind: str) -> dict[str, Any]:
-        """Serve options of one deployment kind, GPUs defaulted by device."""
-        default_gpus = _CUDA_NUM_GPUS[kind] if self.device.startswith("cuda") else 0.0
-        return self.deployments[kind].serve_options(default_gpus)
+    def deployment_options(self, name: str) -> dict[str, Any]:
+        """Serve options of one deployment (a kind, or Denoiser-<model>), GPUs defaulted by device."""
+        from turbo_serve.parallel.distributed import NVLINK_MULTICAST_OFF
+
+        kind = "Denoiser" if name.startswith("Denoiser-") else name
+        deployment = self.deployments.get(name, self.deployments[kind])
+        options = deployment.serve_options(self._default_num_gpus(kind))
+        # Every replica process keeps NVLink multicast off (a config file's ray_actor_options
+        # replace these; serve_config.yaml sets the same variables application-wide).
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(NVLINK_MULTICAST_OFF)}
+        return options
+
+    def _default_num_gpus(self, kind: str) -> float:
+        return _CUDA_NUM_GPUS[kind] if self.device.startswith("cuda") else 0.0
+
+    def denoiser_settings(self, model: str) -> DeploymentSettings:
+        """The Denoiser entry of one model: its own `Denoiser-<model>` entry, else the kind's."""
+        return self.deployments.get(denoiser_name(model), self.deployments["Denoiser"])
+
+    def denoiser_rank_resources(self, model: str) -> dict[str, float]:
+        return self.denoiser_settings(model).rank_resources(self._default_num_gpus("Denoiser"))
+
+    def parallel_config(self, model: str):
+        """How the model's Denoiser replica splits each job over its ranks."""
+        from turbo_serve.parallel.distributed import ParallelConfig
+
+        deployment = self.denoiser_settings(model)
+        return ParallelConfig(sequence_parallel=deployment.sequence_parallel, cfg_parallel=deployment.cfg_parallel)
 
     @property
     def default_model(self) -> str:

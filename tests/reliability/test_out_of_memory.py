@@ -50,6 +50,14 @@ def test_estimate_scales_with_tokens_guidance_and_quantisation():
     assert estimate_denoise_memory("wan2.2-i2v-a14b", 1280, 720, 81).weights_bytes == pytest.approx(2 * base.weights_bytes, rel=0.01)
 
 
+def test_estimate_per_rank_of_a_parallel_denoiser():
+    """Each rank keeps the whole DiT; sequence parallelism splits the tokens, CFG parallelism the batch."""
+    base = estimate_denoise_memory("wan2.1-t2v-14b", 1280, 720, 81, guided=True)
+    split = estimate_denoise_memory("wan2.1-t2v-14b", 1280, 720, 81, guided=True, sequence_parallel=4, cfg_parallel=True)
+    assert split.weights_bytes == base.weights_bytes
+    assert split.activation_bytes == pytest.approx(base.activation_bytes / 8, rel=0.01)
+
+
 def test_requests_that_cannot_fit_are_refused_up_front(make_api):
     small = estimate_denoise_memory("tiny-t2v", 64, 64, 1, dtype="float32").total_bytes
     large = estimate_denoise_memory("tiny-t2v", 512, 512, 81, dtype="float32").total_bytes

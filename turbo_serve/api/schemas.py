@@ -283,8 +283,10 @@ def _check_memory(settings: Settings, spec: GenerationSpec) -> None:
     if budget is None:
         return
     guided = needs_negative_prompt(spec)
+    parallel = settings.parallel_config(spec.model)
     estimate = estimate_denoise_memory(spec.model, spec.width, spec.height, spec.num_frames, dtype=settings.dtype,
-                                       quant_linear=settings.quant_linear, guided=guided)  # fmt: skip
+                                       quant_linear=settings.quant_linear, guided=guided,
+                                       sequence_parallel=parallel.sequence_parallel, cfg_parallel=parallel.cfg_parallel)  # fmt: skip
     if estimate.total_bytes > budget * GIB:
         advice = lowering_advice(quant_linear=settings.quant_linear, guided=guided)
         raise FieldError([("size", f"{spec.width}x{spec.height} with {spec.num_frames} frames needs {estimate.describe()} "

@@ -78,16 +78,18 @@ def dit_weights_bytes(model: str, dtype: str, quant_linear: bool) -> int:
 
 
 def estimate_denoise_memory(model: str, width: int, height: int, num_frames: int, *, dtype: str = "bfloat16",
-                            quant_linear: bool = False, guided: bool = False) -> MemoryEstimate:  # fmt: skip
-    """Peak device memory of one denoise request on a replica holding `model`."""
+                            quant_linear: bool = False, guided: bool = False, sequence_parallel: int = 1,
+                            cfg_parallel: bool = False) -> MemoryEstimate:  # fmt: skip
+    """Peak device memory of one denoise request on each GPU of a replica holding `model`: every rank
+    keeps the whole DiT, and shares the activations by its sequence shard (and CFG branch)."""
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPE_BYTES)}, got {dtype!r}")
     preset = get_preset(model)
     tokens = denoise_tokens(preset, width, height, num_frames)
     dim, hidden = preset.dit.dim, preset.dit.ffn_dim
     per_token = max(ATTENTION_BYTES_PER_DIM * dim, FFN_BYTES_PER_DIM * dim + FFN_BYTES_PER_HIDDEN * hidden)
-    batch = 2 if guided else 1
-    activations = int(per_token * tokens * batch * _DTYPE_BYTES[dtype] / 2)
+    batch = 1 if not guided or cfg_parallel else 2
+    activations = int(per_token * -(-tokens // sequence_parallel) * batch * _DTYPE_BYTES[dtype] / 2)
     return MemoryEstimate(tokens, dit_weights_bytes(model, dtype, quant_linear), activations)
 
 

@@ -19,7 +19,7 @@ from turbo_serve.pipeline.memory import GIB
 from turbo_serve.serving.deployments import VAE, Denoiser, TextEncoder
 from turbo_serve.serving.gpu import gpu_snapshot
 from turbo_serve.serving.ingress import Ingress
-from turbo_serve.settings import Settings
+from turbo_serve.settings import Settings, denoiser_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,22 +49,19 @@ def with_denoiser_memory(settings: Settings) -> Settings:
     return settings.model_copy(update={"denoiser_memory_gib": budget})
 
 
-def denoiser_name(model: str) -> str:
-    return f"Denoiser-{model}"
-
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder (Serve passes the config's `args` dict; env fills the rest)."""
     settings = (args if isinstance(args, Settings) else Settings(**(args or {}))).with_absolute_paths()
     settings = with_denoiser_memory(settings)
     check_attention_default(settings)
-    options = {kind: settings.deployment_options(kind) for kind in settings.deployments}
 
-    def deployment(cls, name: str, kind: str):
-        logger.info("turbo-serve deployment %s: %s", name, options[kind])
-        return serve.deployment(cls, name=name, **options[kind])
+    def deployment(cls, name: str):
+        options = settings.deployment_options(name)
+        logger.info("turbo-serve deployment %s: %s", name, options)
+        return serve.deployment(cls, name=name, **options)
 
-    text_encoder = deployment(TextEncoder, "TextEncoder", "TextEncoder").bind(settings)
-    vae = deployment(VAE, "VAE", "VAE").bind(settings)
-    denoisers = {m: deployment(Denoiser, denoiser_name(m), "Denoiser").bind(settings, m) for m in settings.models}
-    return deployment(serve.ingress()(Ingress), "Ingress", "Ingress").bind(settings, text_encoder, vae, denoisers)
+    text_encoder = deployment(TextEncoder, "TextEncoder").bind(settings)
+    vae = deployment(VAE, "VAE").bind(settings)
+    denoisers = {m: deployment(Denoiser, denoiser_name(m)).bind(settings, m) for m in settings.models}
+    return deployment(serve.ingress()(Ingress), "Ingress").bind(settings, text_encoder, vae, denoisers)

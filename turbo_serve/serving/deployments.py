@@ -100,7 +100,15 @@ class Denoiser:
 
         self.model = model
         self._device = settings.device
-        self._stage = DenoiseStage(settings.pipeline_config(model))
+        self._health_timeout_s = settings.denoiser_settings(model).health_check_timeout_s
+        parallel = settings.parallel_config(model)
+        self._group = None
+        if parallel.world_size > 1:  # this replica is rank 0 of a group spanning its placement group
+            from turbo_serve.serving.parallel_denoiser import ParallelDenoiser
+
+            resources = settings.denoiser_rank_resources(model)
+            self._group = ParallelDenoiser(settings.pipeline_config(model), parallel, resources)
+        self._stage = self._group or DenoiseStage(settings.pipeline_config(model))
         self._store = open_store(settings.resolved_job_store_url)
         # One generation at a time: a cancelled request's thread finishes its step before the next starts.
         self._busy = threading.Lock()
@@ -121,6 +129,8 @@ class Denoiser:
 
     def check_health(self) -> None:
         check_device(self._device)
+        if self._group is not None:  # a multi-GPU replica: its workers and group too
+            self._group.check_health(self._health_timeout_s / 2)
 
 
 class VAE:
