@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -88,6 +89,59 @@ def time_call(call: Callable[[], Any], *, warmup: int, iters: int, device: torch
     if cuda:
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return result
+
+
+KERNEL_CATEGORIES = (  # first match wins: a kernel's name says what it computes
+    ("attention", r"_flash_fwd|sdpa|fmha|flash_fwd|attention"),
+    ("sparse mask + quantization", r"_block_scores|_pool_(keys|queries)|_select_topk|_finalize_keys|_quantize"),
+    ("fused norm / rope / gate", r"_rmsnorm_rope|_layernorm_modulate|_gated_residual|layer_norm|rms_norm"),
+    ("convolution", r"conv|fprop|dgrad|implicit|winograd"),
+    ("linear (GEMM)", r"gemm|nvjet|cutlass|xmma|cublas|_w8a8_matmul|matmul"),
+    ("copy / layout", r"copy|cat|transpose|permute|pad"),
+)
+
+
+def kernel_profile(call: Callable[[], Any], device: torch.device | str, top: int = 15) -> dict[str, Any]:
+    """Where one run of `call` spends GPU time: kernel time per category (KERNEL_CATEGORIES, the
+    rest "other"), the busiest kernels, and idle GPU time (wall minus the union of kernel spans:
+    launch overhead and host work). The "why" behind a missed target. On the CPU the top-level aten
+    ops stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    call()  # warm: autotuning and graph capture stay out of the profile
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        begin = time.perf_counter()
+        call()
+        synchronize(device)
+        wall_s = time.perf_counter() - begin
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:  # no device kernels: the host's top-level ops stand in (the CPU smoke runs this path)
+        kernels = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in spans:  # union of kernel spans: concurrent streams count once
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    per_name: dict[str, float] = {}
+    for event in kernels:
+        per_name[event.name] = per_name.get(event.name, 0.0) + event.time_range.elapsed_us()
+    categories: dict[str, float] = {}
+    for name, us in per_name.items():
+        category = next((c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.I)), "other")
+        categories[category] = categories.get(category, 0.0) + us / 1e6
+    busiest = sorted(per_name.items(), key=lambda item: -item[1])[:top]
+    return {
+        "wall_s": round(wall_s, 4),
+        "gpu_busy_s": round(busy_us / 1e6, 4),
+        "gpu_idle_s": round(max(0.0, wall_s - busy_us / 1e6), 4),
+        "kernel_s_by_category": {c: round(v, 4) for c, v in sorted(categories.items(), key=lambda item: -item[1])},
+        "top_kernels": [{"name": name[:160], "s": round(us / 1e6, 4)} for name, us in busiest],
+        "kernel_launches": len(kernels),
+    }
 
 
 class Report:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 benchmark suite, section by section, as it is run through the workplace's device tool:
 #   bench/run_h200.sh kernels e2e        (wheels: .whl2 = av, diffusers, locust and their needs)
-#   bench/run_h200.sh serve load         (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse)
+#   bench/run_h200.sh serve metrics load (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse;
+#                                         .whl3 = pydantic-settings, python-multipart, redis, matplotlib)
 # Wheels found in .whl*/ are installed into /tmp/site with the project itself; each section runs
 # under its own time limit; logs, JSON and PNG results travel back as one archive in $OUT.
 set -uo pipefail
@@ -9,9 +10,15 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
 logs=bench/results/logs
 mkdir -p "$logs"
-wheels=$(ls .whl*/*.whl 2>/dev/null)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
-  >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+# Wheels not installed yet (a warm machine keeps /tmp/site and earlier calls' wheel folders).
+installed=/tmp/site/.installed-wheels
+touch "$installed" 2>/dev/null || { mkdir -p /tmp/site && touch "$installed"; }
+wheels=$(for w in .whl*/*.whl; do [ -e "$w" ] && ! grep -qxF "$(basename "$w")" "$installed" && echo "$w"; done)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
+    >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+  for w in $wheels; do basename "$w"; done >>"$installed"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . \
   >/dev/null 2>&1 || { echo "project install failed"; exit 1; }
 
@@ -27,13 +34,15 @@ run() {  # run NAME SECONDS COMMAND...: one benchmark, bounded, its log kept
 for section in "$@"; do
   case $section in
     kernels)
-      run attention 200 python3 bench/attention.py
+      run attention 300 python3 bench/attention.py
       run w8a8 60 python3 bench/w8a8.py
       run fused_norm 60 python3 bench/fused_norm.py ;;
     e2e)
       run e2e 420 python3 bench/e2e.py --budget-s 390 ;;
     serve)
       run serve 300 python3 bench/serve.py ;;
+    metrics)
+      run gpu_metrics 150 python3 bench/gpu_metrics.py --load jobs --jobs 4 --jobs-budget-s 60 --attention-type sagesla ;;
     load)
       run load 300 python3 bench/load_h200.py ;;
     *) echo "unknown section $section"; exit 2 ;;
