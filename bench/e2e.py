@@ -12,6 +12,7 @@ a full dense 4-step run costs ~50 s each; the JSON says so where it applies.
 
     python bench/e2e.py                      # H200: writes bench/results/e2e_h200.json
     python bench/e2e.py --cases 1.3b-480p    # one model
+    python bench/e2e.py --cases 14b-720p --only 'build|quant|diffusers' --out bench/results/e2e_14b_h200.json
     python bench/e2e.py --smoke              # tiny model on the CPU (tests the script)
 """
 
@@ -176,6 +177,24 @@ def max_frames(stage: DenoiseStage, width: int, height: int, attention: str, can
     return {"largest_fitting_num_frames": fits, "probes": probes, "method": "one 14B block forward per size, all weights resident"}
 
 
+def gelu_epilogue_check(device: str) -> dict:
+    """The FFN's GEMM + GELU epilogue against the separate ops, in float32 on this device: which GELU
+    it computes (Wan's is tanh), and how far the bf16 epilogue lands from the float32 reference."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator(device).manual_seed(0)
+    x, w, b = (torch.randn(*shape, device=device, generator=generator) for shape in ((4096, 1536), (8960, 1536), (8960,)))
+    linear = torch.addmm(b, x, w.t())
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    fused_bf16 = torch._addmm_activation(b.bfloat16(), x.bfloat16(), w.bfloat16().t(), use_gelu=True).float()
+    separate_bf16 = F.gelu(torch.addmm(b.bfloat16(), x.bfloat16(), w.bfloat16().t()), approximate="tanh").float()
+    reference = F.gelu(linear, approximate="tanh")
+    rel = lambda a: float((a - reference).abs().mean() / reference.abs().mean())  # noqa: E731
+    return {"fp32_max_abs_vs_tanh": float((fused - reference).abs().max()),
+            "fp32_max_abs_vs_erf": float((fused - F.gelu(linear)).abs().max()),
+            "bf16_rel_l1_vs_fp32_tanh": {"epilogue": rel(fused_bf16), "separate_ops": rel(separate_bf16)}}  # fmt: skip
+
+
 def run_case(report: Report, case: str, args, out_dir: Path, device: str) -> None:
     preset_name, width, height = CASES[case] if not args.smoke else ("tiny-t2v", 128, 96)
     frames = 81 if not args.smoke else 9
@@ -198,6 +217,11 @@ def run_case(report: Report, case: str, args, out_dir: Path, device: str) -> Non
     if pipeline is None:
         return
     (text,) = pipeline.text([PROMPT])
+    if device == "cuda":
+        report.run(f"{case}/gelu_epilogue_check", lambda: gelu_epilogue_check(device))
+    if case.startswith("14b") and not args.smoke:  # the same sampling with the FFN's GELU as separate ops
+        report.run(f"{case}/ours/sagesla/sampling_gelu_separate", lambda: separate_gelu(pipeline.denoise,
+            lambda: sampling_runs(pipeline.denoise, spec_for(preset_name, width, height, frames, "sagesla"), text, warmup, iters)), cost_s=60)  # fmt: skip
     for attention in ATTENTION:
         spec = spec_for(preset_name, width, height, frames, attention)
         if case.startswith("1.3b") or args.smoke:
@@ -243,6 +267,19 @@ def run_case(report: Report, case: str, args, out_dir: Path, device: str) -> Non
             report.run(f"{case}/diffusers/vae_decode", lambda: diffusers_decode(latent_shape, device), cost_s=15)
 
 
+def separate_gelu(stage: DenoiseStage, measure):
+    """measure() with the FFN's GELU as separate ops (graphs captured before and after are dropped)."""
+    from turbo_serve.models import wan_dit
+
+    stage.drop_graphs()
+    wan_dit.GELU_EPILOGUE = False
+    try:
+        return measure()
+    finally:
+        wan_dit.GELU_EPILOGUE = True
+        stage.drop_graphs()
+
+
 def _meta(attention: str):
     from turbo_kernels.registry import AttentionMetadata
 
@@ -284,12 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated from {', '.join(CASES)}")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     parser.add_argument("--budget-s", type=float, default=540.0)
+    parser.add_argument("--only", default=None, help="regex: run only the variants it matches (e.g. 'build|quant')")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_h200.json")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device; use --smoke on the CPU")
-    report = Report("e2e.py", argv, args.out, args.budget_s)
+    report = Report("e2e.py", argv, args.out, args.budget_s, only=args.only)
     with tempfile.TemporaryDirectory() as tmp:
         for case in (["smoke"] if args.smoke else args.cases.split(",")):
             run_case(report, case, args, Path(tmp), device)

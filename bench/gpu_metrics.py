@@ -213,7 +213,11 @@ def run_jobs(args, device: str, phase: PhaseLog) -> None:
             from turbo_serve.pipeline.stages import Pipeline, PipelineConfig
 
             dtype = "float32" if device == "cpu" else "bfloat16"
-            pipeline = Pipeline(PipelineConfig(model=args.model, device=device, dtype=dtype, cache_dir=work))
+            from turbo_serve.models.tokenizer import ensure_tiny_tokenizer
+
+            # Random weights: the real UMT5 reads token ids of the tiny tokenizer (no download).
+            tokenizer = str(ensure_tiny_tokenizer(Path(work) / "tokenizer"))
+            pipeline = Pipeline(PipelineConfig(model=args.model, device=device, dtype=dtype, cache_dir=work, tokenizer=tokenizer))
         for i in range(args.jobs if pipeline is not None else 0):
             if time.monotonic() > deadline:
                 break

@@ -147,8 +147,9 @@ def kernel_profile(call: Callable[[], Any], device: torch.device | str, top: int
 class Report:
     """Guarded variants under a time budget, saved as JSON after each one."""
 
-    def __init__(self, script: str, argv: list[str], out: Path, budget_s: float) -> None:
+    def __init__(self, script: str, argv: list[str], out: Path, budget_s: float, only: str | None = None) -> None:
         self.out = out
+        self.only = re.compile(only) if only else None
         self.deadline = time.monotonic() + budget_s
         self.data: dict[str, Any] = {**environment(argv, script), "budget_s": budget_s, "results": {}}
 
@@ -156,7 +157,10 @@ class Report:
         return self.deadline - time.monotonic()
 
     def run(self, name: str, measure: Callable[[], dict[str, Any]], *, cost_s: float = 0.0) -> dict[str, Any]:
-        """Record measure()'s dict under `name`, or why it was skipped or failed; never raises."""
+        """Record measure()'s dict under `name`, or why it was skipped or failed; never raises.
+        Variants that `only` (a regex) does not select are neither run nor recorded."""
+        if self.only and not self.only.search(name):
+            return {"skipped": "not selected"}
         if self.left_s() < cost_s:
             record: dict[str, Any] = {"skipped": f"time budget: {self.left_s():.0f} s left, needs ~{cost_s:.0f} s"}
         else:

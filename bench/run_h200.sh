@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The H200 benchmark suite, section by section, as it is run through the workplace's device tool:
-#   bench/run_h200.sh kernels e2e        (wheels: .whl2 = av, diffusers, locust and their needs)
+#   bench/run_h200.sh kernels e2e e2e-14b-extra   (wheels: .whl2 = av, diffusers, locust and their needs)
 #   bench/run_h200.sh serve metrics load (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse;
-#                                         .whl3 = pydantic-settings, python-multipart, redis, matplotlib)
+#                                         .whl3 = pydantic-settings, python-multipart, redis)
 # Wheels found in .whl*/ are installed into /tmp/site with the project itself; each section runs
 # under its own time limit; logs, JSON and PNG results travel back as one archive in $OUT.
 set -uo pipefail
@@ -39,6 +39,12 @@ for section in "$@"; do
       run fused_norm 60 python3 bench/fused_norm.py ;;
     e2e)
       run e2e 420 python3 bench/e2e.py --budget-s 390 ;;
+    e2e-14b-extra)  # what e2e's budget leaves out at 14B: quant_linear and diffusers' transformer
+      run e2e_14b 300 python3 bench/e2e.py --cases 14b-720p --only 'build|quant|diffusers' --budget-s 280 \
+        --out bench/results/e2e_14b_h200.json ;;
+    e2e-gelu)  # the FFN's GELU in the GEMM epilogue vs separate ops (14B), and the 1.3B request with it
+      run e2e_gelu 300 python3 bench/e2e.py --only 'build|gelu|sagesla/(request|sampling)|vae_decode$' --budget-s 280 \
+        --out bench/results/e2e_gelu_h200.json ;;
     serve)
       run serve 300 python3 bench/serve.py ;;
     metrics)

@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_for(args: argparse.Namespace, workdir: Path):
     """Settings of the config's application, with its per-deployment resources as code defaults
     (so the Python deploy below places replicas exactly as `serve run <config>` would)."""
+    from turbo_serve.models.tokenizer import ensure_tiny_tokenizer
     from turbo_serve.settings import Settings
 
     config = yaml.safe_load(args.config.read_text())
@@ -105,6 +106,9 @@ def settings_for(args: argparse.Namespace, workdir: Path):
     if args.attention:
         values["attention_type"] = args.attention
     values.update(storage_dir=str(workdir / "storage"), job_store_url=None, max_queued_jobs=max(64, args.jobs + 4))
+    # Random weights: the real UMT5 reads token ids of the tiny tokenizer (nothing to download).
+    tokenizer = str(ensure_tiny_tokenizer(workdir / "tokenizer"))
+    values["checkpoints"] = {model: {"tokenizer": tokenizer} for model in values.get("models", [])}
     return Settings(**values)
 
 
@@ -163,10 +167,12 @@ def _stage_summary(timings: list[dict[str, float]]) -> dict[str, dict[str, float
 
 
 def run_http_single(args, body, http: httpx.Client) -> dict[str, Any]:
-    latencies, stages = [], []
+    """One sync job after another, each with a prompt of its own: the TextEncoder's cache of
+    repeated prompts must not flatter the comparison with the in-process run."""
+    latencies, stages, sizes = [], [], []
     for i in range(args.repeats + 1):
         start = time.perf_counter()
-        response = http.post("/v1/videos/sync", json=body)
+        response = http.post("/v1/videos/sync", json={**body, "prompt": f"{body['prompt']}, take {i}"})
         content = response.content
         elapsed = time.perf_counter() - start
         if response.status_code != 200:
@@ -175,8 +181,9 @@ def run_http_single(args, body, http: httpx.Client) -> dict[str, Any]:
             latencies.append(elapsed)
             video = http.get(f"/v1/videos/{response.headers['X-Video-Id']}").json()
             stages.append(video["timings"])
+            sizes.append(len(content))
         assert content[4:8] == b"ftyp", "not an mp4"
-    return {"latency_s": summary(latencies), "stage_s": _stage_summary(stages)}
+    return {"latency_s": summary(latencies), "stage_s": _stage_summary(stages), "mp4_bytes": summary(sizes)}
 
 
 def run_http_concurrent(args, body, http: httpx.Client, deadline: float) -> dict[str, Any]:

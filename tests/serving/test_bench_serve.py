@@ -20,6 +20,7 @@ def test_bench_serve_smoke(tmp_path):
     assert report["errors"] == {}, report["errors"]
     assert report["phases"]["in_process"]["latency_s"]["n"] == 2
     assert report["phases"]["http_single"]["latency_s"]["median"] > 0
+    assert report["phases"]["http_single"]["mp4_bytes"]["min"] > 0
     concurrent = report["phases"]["http_concurrent"]
     assert concurrent["completed"] == concurrent["jobs"] == 3 and concurrent["jobs_per_min"] > 0
     assert {"text_encode", "denoise", "decode", "queue_wait"} <= set(concurrent["stage_s"])

@@ -338,7 +338,14 @@ def _content_response(storage: Storage, record: JobRecord, headers: dict[str, st
         path = None
     if path is None or not path.is_file():
         raise ApiError(404, f"the video file of {record.id} is gone (expired or deleted)", code="not_found")
-    return FileResponse(path, media_type="video/mp4", filename=path.name, headers=headers)
+    return _Mp4Response(path, media_type="video/mp4", filename=path.name, headers=headers)
+
+
+class _Mp4Response(FileResponse):
+    """Sent in 1 MiB pieces rather than Starlette's 64 KiB: behind Ray Serve each piece is one
+    message from the replica to the proxy, and an 81-frame mp4 runs to megabytes."""
+
+    chunk_size = 1 << 20
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -48,10 +48,10 @@ class LocalStages:
     async def denoise(self, job: JobRecord, text, negative_text, condition) -> DenoiseOutput:
         from turbo_serve.pipeline.stages import GenerationCancelled
 
-        reporter = StepReporter(self._store, job.id, job.owner)
         try:
-            latents = await self._run(self._denoisers[job.spec.model], job.spec, text, negative_text=negative_text,
-                                      condition=condition, on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
+            with StepReporter(self._store, job.id, job.owner) as reporter:
+                latents = await self._run(self._denoisers[job.spec.model], job.spec, text, negative_text=negative_text,
+                                          condition=condition, on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
         except GenerationCancelled as error:
             raise JobCancelled(str(error)) from None
         return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -90,32 +92,71 @@ def needs_negative_prompt(spec: GenerationSpec) -> bool:
 
 
 class StepReporter:
-    """Progress and cancellation of one job as seen from inside the Denoiser (any process)."""
+    """Progress and cancellation of one job as seen from inside the Denoiser (any process).
 
-    def __init__(self, store: JobStore, job_id: str, owner: str):
+    The store is written and read on a thread of its own, so the sampling loop never waits on it:
+    a store round trip between two steps would leave the GPU idle. `on_step` hands the progress
+    over; `should_stop` answers from the latest reading (taken after each progress write and every
+    `poll_s`). Use it as a context manager: leaving it flushes the last progress.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, poll_s: float = 0.5):
         self._store, self._job_id, self._owner = store, job_id, owner
-        self._lost = False
+        self._poll_s = poll_s
         self.step_seconds: list[float] = []
         self._last = time.perf_counter()
+        self._stop = False
+        self._poll()  # a job cancelled before its first step never starts it
+        self._updates: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._report_loop, name=f"progress-{job_id}", daemon=True)
+        self._thread.start()
 
     def on_step(self, done: int, total: int) -> None:
         now = time.perf_counter()
         self.step_seconds.append(now - self._last)
         self._last = now
+        self._updates.put(denoise_progress(done, total))
+
+    def should_stop(self) -> bool:
+        return self._stop
+
+    def close(self) -> None:
+        self._updates.put(None)
+        self._thread.join()
+
+    def __enter__(self) -> "StepReporter":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def _report_loop(self) -> None:
+        while True:
+            try:
+                progress = self._updates.get(timeout=self._poll_s)
+            except queue.Empty:
+                progress = -1  # nothing new: only look for a cancellation
+            if progress is None:
+                return
+            if progress >= 0:
+                self._write(progress)
+            self._poll()
+
+    def _write(self, progress: int) -> None:
         try:
-            self._store.set_progress(self._job_id, self._owner, denoise_progress(done, total))
+            self._store.set_progress(self._job_id, self._owner, progress)
         except (LeaseLost, KeyError):
-            self._lost = True
+            self._stop = True
         except self._store.unavailable:  # progress is best effort: a store outage must not fail the job
             logger.warning("job %s: progress not recorded, the job store is unavailable", self._job_id)
 
-    def should_stop(self) -> bool:
-        if self._lost:
-            return True
+    def _poll(self) -> None:
+        if self._stop:
+            return
         try:
-            return self._store.should_stop(self._job_id, self._owner)
+            self._stop = self._store.should_stop(self._job_id, self._owner)
         except self._store.unavailable:  # carry on; the owner's lease settles who owns the job
-            return False
+            pass
 
 
 class JobRunner:

@@ -109,12 +109,19 @@ class UMT5TextEncoder(nn.Module):
         return batch.input_ids, batch.attention_mask
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode_tokens(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Each prompt's states [its token count, d_model]: all of the context that is not zero
+        padding, so this is what travels between processes (the DiT pads to text_len itself)."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        out = states.new_zeros((len(prompts), self.text_len, states.shape[-1]))
-        out[:, : states.shape[1]] = states.masked_fill(mask[..., None] == 0, 0.0)
+        return [state[:length] for state, length in zip(states, mask.sum(-1).tolist())]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.encode_tokens(prompts)
+        out = tokens[0].new_zeros((len(prompts), self.text_len, tokens[0].shape[-1]))
+        for row, states in zip(out, tokens):
+            row[: len(states)] = states
         return out

@@ -53,6 +53,28 @@ def fused_norms(x: torch.Tensor) -> bool:
     return x.is_cuda if FUSED_NORMS is None else FUSED_NORMS
 
 
+GELU_EPILOGUE = True
+"""On CUDA the FFN's first bias + GELU run in its GEMM's epilogue (cuBLASLt's tanh GELU); False:
+as separate ops. Elsewhere always separate: the CPU's fused op computes the erf GELU, not Wan's."""
+
+
+class FeedForward(nn.Sequential):
+    """Wan's FFN, Linear -> GELU(tanh) -> Linear, with the checkpoints' keys (ffn.0, ffn.2). With
+    `GELU_EPILOGUE` the up projection's bias and GELU are applied to the GEMM's fp32 accumulators
+    (cuBLASLt's GELU_BIAS epilogue): one pass over the [tokens, ffn_dim] activations fewer, and one
+    bf16 rounding fewer. A quantized up projection (Int8Linear) keeps the separate ops."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, _, down = self
+        if not (GELU_EPILOGUE and x.is_cuda) or type(up) is not nn.Linear:
+            return super().forward(x)
+        hidden = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+        return down(hidden.view(*x.shape[:-1], hidden.shape[-1]))
+
+
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     """Head dims given to the t, h and w rotary axes: Wan's d - 4*(d//6), 2*(d//6), 2*(d//6)."""
     hw = 2 * (head_dim // 6)
@@ -189,9 +211,7 @@ class WanBlock(nn.Module):
         self.self_attn = WanSelfAttention(dim, config.num_heads, config.eps)
         self.norm3 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, config.num_heads, config.eps)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
-        )
+        self.ffn = FeedForward(dim, config.ffn_dim)
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
         """Per-block learned offsets added to the shared time projection (kept in float32)."""
 

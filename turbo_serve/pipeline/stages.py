@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from turbo_kernels.registry import AttentionMetadata, get_attention_backend
@@ -100,7 +101,8 @@ def raise_out_of_memory_clean(call: Callable[[], T], device: torch.device, descr
 
 
 class TextEncodeStage:
-    """UMT5: prompts -> zero-padded [text_len, text_dim] states, one per prompt."""
+    """UMT5: prompts -> [tokens, text_dim] states, one per prompt, without the zero padding
+    (a few KB instead of text_len rows to ship between replicas; the denoise stage pads)."""
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
@@ -117,8 +119,7 @@ class TextEncodeStage:
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
-        states = self.encoder.encode(prompts)
-        return [s.cpu() for s in states]
+        return [states.cpu() for states in self.encoder.encode_tokens(prompts)]
 
 
 class ImageEncodeStage:
@@ -210,10 +211,11 @@ class DenoiseStage:
 
         return raise_out_of_memory_clean(
             lambda: self._sample(spec, text, negative_text, condition, on_step, should_stop),
-            config.torch_device, describe, release=self._drop_graphs,
+            config.torch_device, describe, release=self.drop_graphs,
         )  # fmt: skip
 
-    def _drop_graphs(self) -> None:
+    def drop_graphs(self) -> None:
+        """Release the captured CUDA graphs (and their memory); the next forward captures anew."""
         for forward in self._forwards:
             if isinstance(forward, GraphedForward):
                 forward.clear()
@@ -225,7 +227,8 @@ class DenoiseStage:
         attention = AttentionMetadata(spec.attention_type, spec.sla_topk)
         shape = (1, preset.dit.out_dim, latent_frames(spec.num_frames), spec.height // 8, spec.width // 8)
         guided = spec.sampler != "rcm" and negative_text is not None and spec.guidance_scale != 1.0
-        context = torch.stack([text, negative_text] if guided else [text]).to(device, dtype)
+        context = torch.stack([_padded_context(t, preset.dit.text_len) for t in ([text, negative_text] if guided else [text])])
+        context = context.to(device, dtype)
         cond = None if condition is None else condition[None].to(device, dtype)
         boundary = spec.boundary if spec.boundary is not None else preset.default_boundary
 
@@ -252,6 +255,14 @@ class DenoiseStage:
         else:
             raise ValueError(f"sampler must be rcm, unipc or euler, got {spec.sampler!r}")
         return latents[0].cpu()
+
+
+def _padded_context(states: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[tokens, dim] text states zero-padded to [text_len, dim], as the DiT would pad them: one
+    context shape for every prompt, which the captured CUDA graphs depend on."""
+    if states.shape[0] > text_len:
+        raise ValueError(f"text states have {states.shape[0]} tokens; the model takes at most {text_len}")
+    return F.pad(states, (0, 0, 0, text_len - states.shape[0]))
 
 
 class DecodeStage:

@@ -52,7 +52,7 @@ class TextEncoder:
         report_replica_gpus(gpu_exporter_settings(settings))
 
     async def encode(self, prompt: str):
-        """[text_len, text_dim] CPU tensor of one prompt. A prompt already being encoded for
+        """[tokens, text_dim] CPU tensor of one prompt. A prompt already being encoded for
         another request is waited for, not encoded twice."""
         cached = self._cache.get(prompt)
         if cached is not None:
@@ -117,15 +117,14 @@ class Denoiser:
     async def denoise(self, job_id: str, owner: str, spec: GenerationSpec, text, negative_text, condition) -> DenoiseOutput:
         """Latents of the job; progress goes to the job store after every step, and the loop stops
         (GenerationCancelled) once the job is cancelled or its owner lost it."""
-        reporter = StepReporter(self._store, job_id, owner)
 
         def run():
-            with self._busy:
-                return self._stage(spec, text, negative_text=negative_text, condition=condition,
-                                   on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
+            with self._busy, StepReporter(self._store, job_id, owner) as reporter:
+                latents = self._stage(spec, text, negative_text=negative_text, condition=condition,
+                                      on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
+                return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
 
-        latents = await asyncio.to_thread(run)
-        return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
+        return await asyncio.to_thread(run)
 
     def check_health(self) -> None:
         check_device(self._device)
