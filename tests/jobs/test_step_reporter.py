@@ -73,3 +73,12 @@ def test_a_lost_lease_stops_the_loop():
         while not reporter.should_stop() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert reporter.should_stop()
+
+
+def test_a_closed_reporter_stops_a_loop_still_running():
+    """A caller that left (its task cancelled) closes the reporter; a sampling thread it left
+    behind must stop at its next step rather than run the job out."""
+    reporter = StepReporter(SlowStore(), "video_1", "runner-a")
+    assert not reporter.should_stop()
+    reporter.close()
+    assert reporter.should_stop()

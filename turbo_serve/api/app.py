@@ -342,10 +342,11 @@ def _content_response(storage: Storage, record: JobRecord, headers: dict[str, st
 
 
 class _Mp4Response(FileResponse):
-    """Sent in 1 MiB pieces rather than Starlette's 64 KiB: behind Ray Serve each piece is one
-    message from the replica to the proxy, and an 81-frame mp4 runs to megabytes."""
+    """Sent in 4 MiB pieces rather than Starlette's 64 KiB: behind Ray Serve each piece is one
+    message from the replica to the proxy, and an 81-frame mp4 runs to megabytes (a 12.9 MB file
+    through a local Serve proxy: 64 KiB 115-140 ms, 1 MiB 45-52 ms, 4 MiB 36 ms, 16 MiB 46-52 ms)."""
 
-    chunk_size = 1 << 20
+    chunk_size = 4 << 20
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -48,13 +48,18 @@ class LocalStages:
     async def denoise(self, job: JobRecord, text, negative_text, condition) -> DenoiseOutput:
         from turbo_serve.pipeline.stages import GenerationCancelled
 
-        try:
+        def denoise() -> DenoiseOutput:
+            # The reporter lives in the sampling thread: a cancelled caller leaves that thread
+            # running, and it must still see the cancellation in the store and stop.
             with StepReporter(self._store, job.id, job.owner) as reporter:
-                latents = await self._run(self._denoisers[job.spec.model], job.spec, text, negative_text=negative_text,
-                                          condition=condition, on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
+                latents = self._denoisers[job.spec.model](job.spec, text, negative_text=negative_text, condition=condition,
+                                                          on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
+                return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
+
+        try:
+            return await self._run(denoise)
         except GenerationCancelled as error:
             raise JobCancelled(str(error)) from None
-        return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
 
     async def decode(self, latents, key: str, fps: int) -> None:
         await self._run(self._storage.write_via, key, lambda path: self._decode.write_mp4(latents, path, fps))

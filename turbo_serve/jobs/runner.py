@@ -121,8 +121,10 @@ class StepReporter:
         return self._stop
 
     def close(self) -> None:
+        """Flush the progress; from now on should_stop is True (nobody is waiting for the steps)."""
         self._updates.put(None)
         self._thread.join()
+        self._stop = True
 
     def __enter__(self) -> "StepReporter":
         return self

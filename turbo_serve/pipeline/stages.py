@@ -196,7 +196,8 @@ class DenoiseStage:
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Final latents [16, T, h, w], float32 on the CPU. Out of device memory: OutOfMemory saying
+        """Final latents [16, T, h, w] on the CPU, in the model dtype: what the VAE decodes in, and
+        half the bytes of float32 to ship to a VAE replica. Out of device memory: OutOfMemory saying
         what to lower, raised once the memory (captured graphs included) is released, so the next
         request runs on a clean device."""
         config = self.config
@@ -254,7 +255,7 @@ class DenoiseStage:
             latents = flow.sample_euler(velocity, shape, num_steps=spec.num_steps, shift=spec.shift, **common)
         else:
             raise ValueError(f"sampler must be rcm, unipc or euler, got {spec.sampler!r}")
-        return latents[0].cpu()
+        return latents[0].to(dtype).cpu()
 
 
 def _padded_context(states: torch.Tensor, text_len: int) -> torch.Tensor:

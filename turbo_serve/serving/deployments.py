@@ -79,7 +79,8 @@ class TextEncoder:
                 self._cache.popitem(last=False)
         return embedding
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    # A lone prompt waits at most 3 ms for others to batch with (its encode takes ~45 ms on an H200).
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.003)
     async def _encode_batch(self, prompts: list[str]) -> list[Any]:
         unique = list(dict.fromkeys(prompts))
         embeddings = dict(zip(unique, await asyncio.to_thread(self._stage, unique)))
