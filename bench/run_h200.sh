@@ -4,7 +4,8 @@
 #   bench/run_h200.sh serve metrics load (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse;
 #                                         .whl3 = pydantic-settings, python-multipart, redis)
 # Wheels found in .whl*/ are installed into /tmp/site with the project itself; each section runs
-# under its own time limit; logs, JSON and PNG results travel back as one archive in $OUT.
+# under its own time limit; logs, JSON and PNG results (machine paths scrubbed) travel back as one
+# archive in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
@@ -54,6 +55,7 @@ for section in "$@"; do
     *) echo "unknown section $section"; exit 2 ;;
   esac
 done
+bench/scrub_paths.sh bench/results/*.json "$logs"/*.log 2>/dev/null
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tgz" bench/results/*.json bench/results/*.png "$logs" 2>/dev/null
   ls -la "$OUT"
