@@ -25,9 +25,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from source_checkout import ensure_turbo_kernels  # noqa: E402
+from source_checkout import importable_from_checkout  # noqa: E402
 
-ensure_turbo_kernels()
+importable_from_checkout()
 from turbo_kernels.block_mask import (  # noqa: E402
     SELECT_ELEMENTS,
     SELECT_LAUNCH,

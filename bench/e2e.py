@@ -219,21 +219,25 @@ def run_case(report: Report, case: str, args, out_dir: Path, device: str) -> Non
     (text,) = pipeline.text([PROMPT])
     if device == "cuda":
         report.run(f"{case}/gelu_epilogue_check", lambda: gelu_epilogue_check(device))
+    sagesla = spec_for(preset_name, width, height, frames, "sagesla")
+
+    def one_forward(attention: str) -> torch.Tensor:
+        """One DiT forward at the first timestep (the dense 14B variants time this, x 4)."""
+        return pipeline.denoise.experts[0](torch.randn(latent_shape, device=device, dtype=torch.bfloat16),
+                                           torch.tensor([988.0], device=device), text[None].to(device, torch.bfloat16),
+                                           _meta(attention))  # fmt: skip
+
     if case.startswith("14b") and not args.smoke:  # the same sampling with the FFN's GELU as separate ops
-        report.run(f"{case}/ours/sagesla/sampling_gelu_separate", lambda: separate_gelu(pipeline.denoise,
-            lambda: sampling_runs(pipeline.denoise, spec_for(preset_name, width, height, frames, "sagesla"), text, warmup, iters)), cost_s=60)  # fmt: skip
+        report.run(f"{case}/ours/sagesla/sampling_gelu_separate", lambda: separate_gelu(
+            pipeline.denoise, lambda: sampling_runs(pipeline.denoise, sagesla, text, warmup, iters)), cost_s=60)
     for attention in ATTENTION:
         spec = spec_for(preset_name, width, height, frames, attention)
         if case.startswith("1.3b") or args.smoke:
             report.run(f"{case}/ours/{attention}/request", lambda: request_runs(pipeline, spec, out_dir, warmup, iters), cost_s=20)
         elif attention == "original":
-            report.run(f"{case}/ours/original/sampling", lambda: single_forward_x4(
-                lambda: pipeline.denoise.experts[0](torch.randn(latent_shape, device=device, dtype=torch.bfloat16),
-                                                    torch.tensor([988.0], device=device), text[None].to(device, torch.bfloat16),
-                                                    _meta("original")), device), cost_s=40)  # fmt: skip
+            report.run(f"{case}/ours/original/sampling", lambda: single_forward_x4(lambda: one_forward("original"), device), cost_s=40)
         else:
             report.run(f"{case}/ours/{attention}/sampling", lambda: sampling_runs(pipeline.denoise, spec, text, warmup, iters), cost_s=60)
-    sagesla = spec_for(preset_name, width, height, frames, "sagesla")
     if case.startswith("1.3b") or args.smoke:
         latents = torch.randn(latent_shape[1:])
         report.run(f"{case}/ours/vae_decode", lambda: {**time_call(lambda: pipeline.decode(latents), warmup=1, iters=2, device=device),
@@ -241,10 +245,7 @@ def run_case(report: Report, case: str, args, out_dir: Path, device: str) -> Non
         report.run(f"{case}/ours/sagesla/profile_sampling", lambda: kernel_profile(lambda: pipeline.denoise(sagesla, text), device), cost_s=10)
         report.run(f"{case}/ours/profile_vae_decode", lambda: kernel_profile(lambda: pipeline.decode(latents), device), cost_s=10)
     else:
-        report.run(f"{case}/ours/sagesla/profile_forward", lambda: kernel_profile(
-            lambda: pipeline.denoise.experts[0](torch.randn(latent_shape, device=device, dtype=torch.bfloat16),
-                                                torch.tensor([988.0], device=device), text[None].to(device, torch.bfloat16),
-                                                _meta("sagesla")), device), cost_s=30)  # fmt: skip
+        report.run(f"{case}/ours/sagesla/profile_forward", lambda: kernel_profile(lambda: one_forward("sagesla"), device), cost_s=30)
     if case.startswith("14b") and not args.smoke:
         report.run(f"{case}/ours/sagesla/max_frames", lambda: max_frames(pipeline.denoise, width, height, "sagesla",
                                                                          [161, 241, 321, 401, 481, 561, 641, 721, 801]), cost_s=60)  # fmt: skip

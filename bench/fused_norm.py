@@ -39,9 +39,9 @@ import triton  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from source_checkout import ensure_turbo_kernels  # noqa: E402
+from source_checkout import importable_from_checkout  # noqa: E402
 
-ensure_turbo_kernels()
+importable_from_checkout()
 
 from harness import Report  # noqa: E402
 from timing import measure  # noqa: E402

@@ -33,9 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from source_checkout import ensure_turbo_kernels  # noqa: E402
+from source_checkout import importable_from_checkout  # noqa: E402
 
-ensure_turbo_kernels()  # the jobs phase's DiT imports it; a bare checkout does not provide it
+importable_from_checkout()  # the jobs phase's DiT imports it; a bare checkout does not provide it
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 

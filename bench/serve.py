@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
-import os
 import platform
 import socket
 import statistics
@@ -37,22 +35,10 @@ from typing import Any
 import httpx
 import yaml
 
+from source_checkout import importable_from_checkout  # bench/ is this script's folder
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _importable_from_checkout() -> None:
-    """A bare checkout (no pip install): expose turbo_serve and turbo_kernels (the kernels/ folder)
-    to this process and, through PYTHONPATH, to the Ray workers it starts."""
-    if importlib.util.find_spec("turbo_serve") and importlib.util.find_spec("turbo_kernels"):
-        return
-    shim = Path(tempfile.mkdtemp(prefix="turbo-serve-path-"))
-    (shim / "turbo_serve").symlink_to(REPO / "turbo_serve")
-    (shim / "turbo_kernels").symlink_to(REPO / "kernels")
-    sys.path.insert(0, str(shim))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
-
-
-_importable_from_checkout()
+importable_from_checkout()
 DEFAULT_OUT = REPO / "bench" / "results" / "serve_h200.json"
 KINDS = ("Ingress", "TextEncoder", "Denoiser", "VAE")
 

@@ -1,4 +1,6 @@
-"""Timing shared by the benchmarks: median of CUDA-event timed calls after a warm-up call."""
+"""Kernel-level timing for the op benchmarks (attention, w8a8, fused_norm, scaling): the median of
+CUDA-event timed calls after a warm-up call, as many as fit a time budget. Whole stages and
+requests (wall clock, fixed iterations, peak memory) go through harness.time_call instead."""
 
 from __future__ import annotations
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from source_checkout import ensure_turbo_kernels  # noqa: E402
+from source_checkout import importable_from_checkout  # noqa: E402
 
-ensure_turbo_kernels()
+importable_from_checkout()
 
 from turbo_kernels.accuracy import compare  # noqa: E402
 from turbo_kernels.autotune import last_config, tuning_log  # noqa: E402
