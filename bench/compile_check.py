@@ -36,6 +36,7 @@ from turbo_kernels.block_mask import (  # noqa: E402
     _pool_keys_kernel,
     _pool_queries_kernel,
     _select_topk_kernel,
+    key_pass_rows,
 )
 from turbo_kernels.flash import _flash_fwd  # noqa: E402
 from turbo_kernels.quant import QUANTIZE_KEYS_LAUNCH, _quantize_keys_kernel  # noqa: E402
@@ -72,7 +73,7 @@ def _signature(v: Variant) -> tuple[dict, dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name.startswith("stride"):
+            if name.startswith("stride") or name == "l_pad":
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, dict(v.constexprs), attrs
 
@@ -134,7 +135,7 @@ def sass_mix(sass: str) -> dict[str, int]:
 
 
 def _flash(name, bm, bn, warps, stages, *, dense=False, int8=False, fp8=False, linear=False, unselected=False,
-           tma=False, lut_block_m=None, lut_block_n=None, dim=128) -> Variant:
+           tma=False, lut_block_m=None, lut_block_n=None, dim=128, maxnreg=None) -> Variant:
     act = "bf16"
     qk = "i8" if int8 else act
     pointers = {"Q": qk, "K": qk, "V": "fp8e4nv" if fp8 else act, "Out": act, "QScale": "fp32", "KScale": "fp32",
@@ -143,7 +144,8 @@ def _flash(name, bm, bn, warps, stages, *, dense=False, int8=False, fp8=False, l
     const = dict(HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, LUT_BLOCK_M=lut_block_m or bm, LUT_BLOCK_N=lut_block_n or bn,
                  DENSE=dense, EVEN_N=False, QK_INT8=int8, PV_FP8=fp8, LINEAR=linear, LINEAR_UNSELECTED=unselected,
                  PROJ_BIAS=linear, USE_TMA=tma)
-    return Variant(name, _flash_fwd, pointers, const, warps, stages, floats=("lin_eps", "inv_len", "qk_scale"))
+    return Variant(name, _flash_fwd, pointers, const, warps, stages, floats=("lin_eps", "inv_len", "qk_scale"),
+                   maxnreg=maxnreg)
 
 
 def variants() -> list[Variant]:
@@ -161,7 +163,7 @@ def variants() -> list[Variant]:
         for c in configs:
             tag = f"{blkq}x{blkk} {c.describe()}"
             tma_ok = c.block_n == blkk  # the two-block walk gathers rows: pointers only
-            geo = dict(lut_block_m=blkq, lut_block_n=blkk)
+            geo = dict(lut_block_m=blkq, lut_block_n=blkk, maxnreg=c.maxnreg)
             out.append(_flash(f"sparse {tag}", c.block_m, c.block_n, c.num_warps, c.num_stages, **geo))
             if tma_ok:
                 out.append(_flash(f"sparse {tag}+tma", c.block_m, c.block_n, c.num_warps, c.num_stages, tma=True,
@@ -191,21 +193,22 @@ def variants() -> list[Variant]:
                            {"Q": "bf16", "Pooled": "fp32", "QInt8": "i8", "QScale": "fp32"},
                            dict(BLOCK=block, HEAD_DIM=128, QUANTIZE=True), 8 if block == 128 else 4, 3,
                            floats=("quant_scale",)))
-        keys = {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "KSumPart": "fp32", "SPart": "fp32", "ZPart": "fp32",
+        keys = {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "KSumPart": "fp32", "ZPart": "fp32",
                 "VAmaxPart": "fp32", "PhiK": "bf16"}
         out.append(Variant(f"pool_keys {block}", _pool_keys_kernel, keys,
-                           dict(BLOCK=block, HEAD_DIM=128, LINEAR=False, PHI_OUT=False, V_AMAX=False), 4, 3))
-        out.append(Variant(f"pool_keys+linear {block}", _pool_keys_kernel, keys,
-                           dict(BLOCK=block, HEAD_DIM=128, LINEAR=True, PHI_OUT=False, V_AMAX=True), 8, 3))
+                           dict(BLOCK=block, ROWS=block, HEAD_DIM=128, LINEAR=False, V_AMAX=False), 4, 3))
+        out.append(Variant(f"pool_keys+linear+vamax {block}", _pool_keys_kernel, keys,
+                           dict(BLOCK=block, ROWS=key_pass_rows(block, 128, True), HEAD_DIM=128, LINEAR=True,
+                                V_AMAX=True), 4, 3))
         out.append(Variant(f"quantize_keys+fp8v {block}", _quantize_keys_kernel,
                            {"K": "bf16", "KMean": "fp32", "KInt8": "i8", "KScale": "fp32", "V": "bf16",
                             "VScale": "fp32", "VT8": "fp8e4nv"},
                            dict(BLOCK=block, HEAD_DIM=128, V_FP8=True), QUANTIZE_KEYS_LAUNCH["num_warps"], 3,
                            maxnreg=QUANTIZE_KEYS_LAUNCH["maxnreg"]))
-    out.append(Variant("finalize_keys+linear+fp8v", _finalize_keys_kernel,
-                       {"KSumPart": "fp32", "SPart": "fp32", "ZPart": "fp32", "VAmaxPart": "fp32", "KMean": "fp32",
-                        "KVState": "bf16", "KState": "fp32", "VScale": "fp32"},
-                       dict(HEAD_DIM=128, ROWS=16, LINEAR=True, V_AMAX=True), 4, 3, floats=("inv_len",)))
+    out.append(Variant("finalize_keys+linear+fp8v+fold", _finalize_keys_kernel,
+                       {"KSumPart": "fp32", "ZPart": "fp32", "VAmaxPart": "fp32", "KMean": "fp32", "KState": "fp32",
+                        "VScale": "fp32", "KVState": "bf16", "FoldW": "fp32"},
+                       dict(HEAD_DIM=128, LINEAR=True, V_AMAX=True, FOLD=True), 8, 3, floats=("inv_len",)))
     for block in (64, 128):
         out.append(Variant(f"block_scores key block {block}", _block_scores_kernel,
                            {"PooledQ": "fp32", "BlockSum": "fp32", "Score": "fp32"},

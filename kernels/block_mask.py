@@ -8,9 +8,9 @@ blocks of every query block. The LUT is int32 (B, H, query blocks, kept), sorted
 Mean-pooling is linear, so pool(K - mean(K)) = pool(K) - mean(K): one pass over K produces the
 block sums, and the mean only shifts each score row by a constant (see `_block_scores_kernel`).
 The same passes carry the work that also has to read Q/K/V once: Sage's INT8 quantisation of Q
-(`pool_queries`) and SLA's linear-branch reductions S = phi(K)^T V, z = sum phi(k) plus the FP8 V
-range (`pool_keys`, whose per-program partials one small launch reduces), so sparse attention
-pays one read of Q, K and V before its main kernel.
+(`pool_queries`) and SLA's linear branch, phi(K) and z = sum phi(k), plus the FP8 V range
+(`pool_keys`, whose per-program partials one small launch reduces; S = phi(K)^T V is then one
+cuBLAS GEMM), so sparse attention pays about one read of Q, K and V before its main kernel.
 
 The selection runs on the GPU in two launches, a tf32x3 score GEMM and a radix select that
 writes the sorted LUT; nothing in the mask waits on the host, so it can be CUDA-graph captured.
@@ -62,91 +62,83 @@ def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
 
 
 @triton.jit(do_not_specialize=["H", "L", "num_blocks", "blocks_per_program"])
-def _pool_keys_kernel(K, V, BlockSum, KSumPart, SPart, ZPart, VAmaxPart, PhiK,  #
+def _pool_keys_kernel(K, V, BlockSum, KSumPart, ZPart, VAmaxPart, PhiK,  #
                       stride_kb, stride_kl, stride_kh,  #
                       stride_vb, stride_vl, stride_vh,  #
                       H, L, num_blocks, blocks_per_program,  #
-                      BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, LINEAR: tl.constexpr,  #
-                      PHI_OUT: tl.constexpr, V_AMAX: tl.constexpr):
-    """Sums of a run of key blocks (and their total, for K's mean); LINEAR: partial phi(K)^T V and
-    sum phi(k) over the run; PHI_OUT: also store phi(K); V_AMAX: partial per-channel max |v|."""
+                      BLOCK: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, LINEAR: tl.constexpr,  #
+                      V_AMAX: tl.constexpr):
+    """Sums of a run of key blocks (and their total, for K's mean); LINEAR: phi(K) stored (B, H, L, D)
+    for the S = phi(K)^T V GEMM, and sum phi(k) over the run; V_AMAX: partial per-channel max |v|.
+    Each block is read ROWS tokens at a time."""
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
-    offs_r = tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     acc_k = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    acc_s = tl.zeros([HEAD_DIM, HEAD_DIM], dtype=tl.float32)
     acc_z = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for j in tl.range(0, blocks_per_program):
         blk = split * blocks_per_program + j
-        rows = blk * BLOCK + offs_r
-        valid = rows[:, None] < L
-        k = tl.load(k_base + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=valid, other=0.0)
-        kf = k.to(tl.float32)
-        block_sum = tl.sum(kf, 0)
-        acc_k += block_sum
-        tl.store(BlockSum + (pid_bh * num_blocks + blk) * HEAD_DIM + offs_d, block_sum, mask=blk < num_blocks)
-        if LINEAR or V_AMAX:
-            v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=valid, other=0.0)
+        block_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for r in tl.range(0, BLOCK // ROWS):
+            rows = blk * BLOCK + r * ROWS + offs_r
+            valid = rows[:, None] < L
+            k = tl.load(k_base + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=valid, other=0.0)
+            kf = k.to(tl.float32)
+            block_sum += tl.sum(kf, 0)
             if V_AMAX:
+                v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=valid, other=0.0)
                 v_amax = tl.maximum(v_amax, tl.max(tl.abs(v.to(tl.float32)), 0))
             if LINEAR:
                 e = tl.math.exp2((kf - tl.max(kf, 1)[:, None]) * 1.4426950408889634)
                 phi = tl.where(valid, e / tl.sum(e, 1)[:, None], 0.0)
                 acc_z += tl.sum(phi, 0)
-                phi = phi.to(v.dtype)
-                acc_s = tl.dot(tl.trans(phi), v, acc_s)
-                if PHI_OUT:
-                    tl.store(PhiK + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :], phi,
-                             mask=valid)
+                tl.store(PhiK + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+                         phi.to(PhiK.dtype.element_ty), mask=valid)
+        acc_k += block_sum
+        tl.store(BlockSum + (pid_bh * num_blocks + blk) * HEAD_DIM + offs_d, block_sum, mask=blk < num_blocks)
     part = pid_bh * tl.num_programs(0) + split
     tl.store(KSumPart + part * HEAD_DIM + offs_d, acc_k)
     if LINEAR:
-        tl.store(SPart + part.to(tl.int64) * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :], acc_s)
         tl.store(ZPart + part * HEAD_DIM + offs_d, acc_z)
     if V_AMAX:
         tl.store(VAmaxPart + part * HEAD_DIM + offs_d, v_amax)
 
 
 @triton.jit(do_not_specialize=["splits", "inv_len"])
-def _finalize_keys_kernel(KSumPart, SPart, ZPart, VAmaxPart, KMean, KVState, KState, VScale,  #
+def _finalize_keys_kernel(KSumPart, ZPart, VAmaxPart, KMean, KState, VScale, KVState, FoldW,  #
                           splits, inv_len,  #
-                          HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, LINEAR: tl.constexpr,  #
-                          V_AMAX: tl.constexpr):
-    """Reduce `_pool_keys_kernel`'s per-program partials of one head: K's token mean, SLA's
-    S / L (rows of it per program) and z / L, the FP8 V scale max|v| / 448."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+                          HEAD_DIM: tl.constexpr, LINEAR: tl.constexpr, V_AMAX: tl.constexpr, FOLD: tl.constexpr):
+    """Reduce `_pool_keys_kernel`'s per-program partials of one head: K's token mean, SLA's z / L,
+    the FP8 V scale max|v| / 448. FOLD: S <- S W^T in place (proj_l folded into the state)."""
+    pid_bh = tl.program_id(0)
     offs_d = tl.arange(0, HEAD_DIM)
-    if LINEAR:
-        rows = pid_r * ROWS + tl.arange(0, ROWS)
-        acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-        for s in tl.range(0, splits):
-            part = (pid_bh * splits + s).to(tl.int64) * HEAD_DIM * HEAD_DIM
-            acc += tl.load(SPart + part + rows[:, None] * HEAD_DIM + offs_d[None, :])
-        tl.store(KVState + (pid_bh * HEAD_DIM + rows[:, None]) * HEAD_DIM + offs_d[None, :],
-                 (acc * inv_len).to(KVState.dtype.element_ty))
-    if pid_r == 0:
-        k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        z_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        v_amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for s in tl.range(0, splits):
-            part = (pid_bh * splits + s) * HEAD_DIM + offs_d
-            k_sum += tl.load(KSumPart + part)
-            if LINEAR:
-                z_sum += tl.load(ZPart + part)
-            if V_AMAX:
-                v_amax = tl.maximum(v_amax, tl.load(VAmaxPart + part))
-        tl.store(KMean + pid_bh * HEAD_DIM + offs_d, k_sum * inv_len)
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    z_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s in tl.range(0, splits):
+        part = (pid_bh * splits + s) * HEAD_DIM + offs_d
+        k_sum += tl.load(KSumPart + part)
         if LINEAR:
-            tl.store(KState + pid_bh * HEAD_DIM + offs_d, z_sum * inv_len)
+            z_sum += tl.load(ZPart + part)
         if V_AMAX:
-            tl.store(VScale + pid_bh * HEAD_DIM + offs_d, tl.maximum(v_amax / 448.0, 1e-20))
+            v_amax = tl.maximum(v_amax, tl.load(VAmaxPart + part))
+    tl.store(KMean + pid_bh * HEAD_DIM + offs_d, k_sum * inv_len)
+    if LINEAR:
+        tl.store(KState + pid_bh * HEAD_DIM + offs_d, z_sum * inv_len)
+    if V_AMAX:
+        tl.store(VScale + pid_bh * HEAD_DIM + offs_d, tl.maximum(v_amax / 448.0, 1e-20))
+    if FOLD:
+        tile = pid_bh.to(tl.int64) * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :]
+        state = tl.load(KVState + tile).to(tl.float32)
+        weight = tl.load(FoldW + offs_d[:, None] * HEAD_DIM + offs_d[None, :]).to(tl.float32)
+        folded = tl.dot(state, tl.trans(weight), input_precision="tf32x3")
+        tl.store(KVState + tile, folded.to(KVState.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["L", "num_qblocks", "num_kblocks"])
@@ -242,7 +234,8 @@ class KeyPass:
     mean: torch.Tensor | None = None
     """(B, H, D) fp32 token mean of K (Sage's smoothing vector), when asked for."""
     kv_state: torch.Tensor | None = None
-    """(B, H, D, D) mean over tokens of phi(k)^T v, in v's dtype (SLA's linear branch)."""
+    """(B, H, D, D) mean over tokens of phi(k)^T v, in v's dtype (SLA's linear branch); times W^T
+    when pool_keys got fold_weight W."""
     k_state: torch.Tensor | None = None
     """(B, H, D) fp32 mean over tokens of phi(k)."""
     phi_k: torch.Tensor | None = None
@@ -270,11 +263,15 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+KEY_PASS_PROGRAMS_PER_SM = 4
+"""How many key-pass programs per SM the split of each head's key blocks aims for."""
+
+
 def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device) -> int:
-    """Split each head's key blocks so the key pass runs about four programs per SM."""
+    """Split each head's key blocks so the key pass runs KEY_PASS_PROGRAMS_PER_SM programs per SM."""
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 1
-    return max(1, min(num_blocks, triton.cdiv(4 * sms, batch_heads)))
+    return max(1, min(num_blocks, triton.cdiv(KEY_PASS_PROGRAMS_PER_SM * sms, batch_heads)))
 
 
 def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None) -> QueryPass:
@@ -293,8 +290,10 @@ def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None) 
     return QueryPass(pooled, q_int8, q_scale)
 
 
-FINALIZE_ROWS = 16
-"""Rows of S per finalize program (D / 16 programs per head reduce S in parallel)."""
+def key_pass_rows(block: int, head_dim: int, linear: bool) -> int:
+    """Tokens per load of the key pass: 64 where the linear branch's softmax over a 128 x 128 tile
+    would take 255 registers (4 warps) or one 8-warp program per SM."""
+    return 64 if linear and block * head_dim > 64 * 128 else block
 
 
 def pool_keys(
@@ -306,12 +305,23 @@ def pool_keys(
     phi_out: bool = False,
     v_amax: bool = False,
     k_mean: bool = False,
+    fold_weight: torch.Tensor | None = None,
 ) -> KeyPass:
-    """Triton pass over K (and V when asked): per-block sums, plus on request K's token mean, the SLA
-    linear state / phi(K) and the FP8 V scale (one small reduce launch for all of these)."""
+    """Triton pass over K (and V for its FP8 range): per-block sums, plus on request K's token mean,
+    the SLA linear state, phi(K) and the FP8 V scale (one small reduce launch for these).
+
+    The linear state S = phi(K)^T V is one cuBLAS GEMM per batch entry over the phi(K) the pass
+    writes: a (D x D) += (D x 64) @ (64 x D) product per key block inside the pass took the H200
+    2.0 ms at 14B 720p (one 220-register program per SM), the pass plus the GEMM about 1.4 ms.
+    fold_weight: a (D, D) Linear weight W (SLA's proj_l) the reduce launch folds into the state,
+    kv_state = S W^T / L, so the attention epilogue multiplies once (no host-side ops for it).
+    """
     B, L, H, D = k.shape
     if (linear or v_amax) and v is None:
         raise ValueError("pool_keys needs v for the linear state or the V range")
+    fold = fold_weight is not None
+    if fold and (not linear or not fold_weight.is_contiguous() or tuple(fold_weight.shape) != (D, D)):
+        raise ValueError(f"fold_weight must be a contiguous ({D}, {D}) weight, with linear=True")
     v = k if v is None else v
     nb = triton.cdiv(L, block)
     splits = _programs_per_head(B * H, nb, k.device)
@@ -320,32 +330,33 @@ def pool_keys(
     dev = k.device
     block_sum = torch.empty(B, H, nb, D, device=dev, dtype=torch.float32)
     k_part = torch.empty(B * H, splits, D, device=dev, dtype=torch.float32)
-    s_part = torch.empty(B * H, splits, D, D, device=dev, dtype=torch.float32) if linear else block_sum
     z_part = torch.empty(B * H, splits, D, device=dev, dtype=torch.float32) if linear else block_sum
     amax_part = torch.empty(B * H, splits, D, device=dev, dtype=torch.float32) if v_amax else block_sum
-    phi_k = torch.empty(B, H, L, D, device=dev, dtype=v.dtype) if linear and phi_out else None
+    phi_k = torch.empty(B, H, L, D, device=dev, dtype=v.dtype) if linear else None
     _pool_keys_kernel[(splits, B * H)](
-        k, v, block_sum, k_part, s_part, z_part, amax_part, phi_k if phi_k is not None else block_sum,  #
+        k, v, block_sum, k_part, z_part, amax_part, phi_k if linear else block_sum,  #
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),  #
         H, L, nb, per_program,  #
-        BLOCK=block, HEAD_DIM=D, LINEAR=linear, PHI_OUT=phi_k is not None, V_AMAX=v_amax,  #
-        num_warps=8 if linear and D == 128 else 4,
+        BLOCK=block, ROWS=key_pass_rows(block, D, linear), HEAD_DIM=D, LINEAR=linear, V_AMAX=v_amax, num_warps=4,
     )
-    result = KeyPass(block_sum, block, L, phi_k=phi_k)
+    result = KeyPass(block_sum, block, L, phi_k=phi_k if phi_out else None)
     if not (linear or v_amax or k_mean):
         return result
     result.mean = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     if linear:
         result.kv_state = torch.empty(B, H, D, D, device=dev, dtype=v.dtype)
         result.k_state = torch.empty(B, H, D, device=dev, dtype=torch.float32)
+        for b in range(B):
+            # (H, D, L) @ (H, L, D) with V read in place (row stride H * D), mean over the L tokens.
+            result.kv_state[b].baddbmm_(phi_k[b].transpose(1, 2), v[b].transpose(0, 1), beta=0.0, alpha=1.0 / L)
     if v_amax:
         result.v_scale = torch.empty(B, H, D, device=dev, dtype=torch.float32)
     placeholder = result.mean
-    _finalize_keys_kernel[(D // FINALIZE_ROWS if linear else 1, B * H)](
-        k_part, s_part, z_part, amax_part, result.mean,  #
-        result.kv_state if linear else placeholder, result.k_state if linear else placeholder,  #
-        result.v_scale if v_amax else placeholder, splits, 1.0 / L,  #
-        HEAD_DIM=D, ROWS=FINALIZE_ROWS, LINEAR=linear, V_AMAX=v_amax, num_warps=4,
+    _finalize_keys_kernel[(B * H,)](
+        k_part, z_part, amax_part, result.mean, result.k_state if linear else placeholder,  #
+        result.v_scale if v_amax else placeholder, result.kv_state if linear else placeholder,  #
+        fold_weight if fold else placeholder, splits, 1.0 / L,  #
+        HEAD_DIM=D, LINEAR=linear, V_AMAX=v_amax, FOLD=fold, num_warps=8 if fold else 4,
     )
     return result
 

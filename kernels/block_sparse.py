@@ -18,14 +18,17 @@ from turbo_kernels.flash import FlashConfig, check_qkv, launch_flash, with_tma_t
 from turbo_kernels.tma import tma_candidates_allowed
 
 SPARSE_CONFIGS: dict[tuple[int, int], list[FlashConfig]] = {
-    (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 5), FlashConfig(128, 128, 8, 3)],
-    (64, 128): [FlashConfig(64, 128, 4, 3), FlashConfig(64, 128, 4, 5)],
+    (128, 64): [FlashConfig(128, 64, 8, 3), FlashConfig(128, 64, 8, 5), FlashConfig(128, 128, 8, 3),
+                FlashConfig(128, 64, 8, 3, maxnreg=128)],
+    (64, 128): [FlashConfig(64, 128, 4, 3), FlashConfig(64, 128, 4, 5), FlashConfig(64, 128, 4, 3, maxnreg=168)],
 }
 """Autotune candidates per LUT geometry (blkq, blkk). block_n is blkk, or 2 * blkk to walk two
 LUT blocks per step (128-wide MMAs for the 64-key LUT; what made dense 128x128 the fastest dense
 config on the H200). The LUT read takes one pipeline stage of its own, so num_stages 3
 prefetches K/V one block ahead and 5 two blocks ahead (4 and 6 compile to the same schedules on
-sm90: see bench/compile_check.py). 64x128 with 8 warps lost every H200 comparison and is gone.
+sm90: see bench/compile_check.py). The register caps fit two 8-warp CTAs (128x64, 98 KB of
+shared memory at 3 stages) or three 4-warp ones (64x128; Sage's SLA epilogue otherwise takes 244
+registers) on an SM. 64x128 with 8 warps lost every H200 comparison and is gone.
 On Hopper `sparse_candidates` adds the TMA twin of every one-block config."""
 
 

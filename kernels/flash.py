@@ -52,11 +52,16 @@ class FlashConfig:
     use_tma: bool = False
     pv_fp8: bool = False
     """Sage only: P@V in FP8 e4m3 (the op then also prepares V^T in FP8)."""
+    maxnreg: int | None = None
+    """CUDA register cap per thread: what puts two 8-warp (or three 4-warp) CTAs on an SM when
+    ptxas would otherwise take more registers than the loop needs (no spills at these caps on
+    sm90: bench/compile_check.py)."""
 
     def describe(self) -> str:
         tma = "+tma" if self.use_tma else ""
         fp8 = "+fp8pv" if self.pv_fp8 else ""
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tma}{fp8}"
+        regs = f"+r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tma}{fp8}{regs}"
 
 
 @triton.jit
@@ -302,15 +307,16 @@ def _flash_fwd(Q, K, V, Out,  #
         phi = _softmax_rows(q_raw)
         s = tl.load(LinS + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
         z = tl.load(LinZ + pid_bh * HEAD_DIM + offs_d)
-        num = tl.dot(phi.to(s.dtype), s)
         den = tl.sum(phi * z[None, :], 1)
         if LINEAR_UNSELECTED:
-            num -= lin_acc * inv_len
-            den -= lin_den * inv_len
-        o_lin = num / (den + lin_eps)[:, None]
-        # proj_l's own (out, in) weight, any float dtype, cast here: o_lin @ W^T.
-        w = tl.load(ProjW + offs_d[:, None] * HEAD_DIM + offs_d[None, :]).to(s.dtype)
-        acc = tl.dot(o_lin.to(s.dtype), tl.trans(w), acc)
+            num = tl.dot(phi.to(s.dtype), s) - lin_acc * inv_len
+            o_lin = num / (den - lin_den * inv_len + lin_eps)[:, None]
+            # proj_l's own (out, in) weight, any float dtype, cast here: o_lin @ W^T.
+            w = tl.load(ProjW + offs_d[:, None] * HEAD_DIM + offs_d[None, :]).to(s.dtype)
+            acc = tl.dot(o_lin.to(s.dtype), tl.trans(w), acc)
+        else:
+            # s is S W^T (proj_l folded in): one D x D product, phi's rows divided first.
+            acc = tl.dot((phi / (den + lin_eps)[:, None]).to(s.dtype), s, acc)
         if PROJ_BIAS:
             acc += tl.load(ProjB + offs_d).to(tl.float32)[None, :]
 
@@ -332,12 +338,13 @@ class LinearBranch:
     """
 
     kv_state: torch.Tensor
-    """(B, H, D, D) in the attention dtype: mean over tokens of phi(k)^T v."""
+    """(B, H, D, D) in the attention dtype: mean over tokens of phi(k)^T v, times proj_l.weight^T
+    when proj_weight is None (proj_l folded in: the epilogue then multiplies once, not twice)."""
     k_state: torch.Tensor
     """(B, H, D) fp32: mean over tokens of phi(k)."""
-    proj_weight: torch.Tensor
-    """(D_out, D_in) contiguous: proj_l.weight itself (any float dtype; the kernel casts it), so
-    a call does no host-side weight preparation."""
+    proj_weight: torch.Tensor | None
+    """(D_out, D_in) contiguous proj_l.weight (any float dtype; the kernel casts it), or None when
+    kv_state has it folded in. The paper's variant needs it apart (it subtracts unfolded terms)."""
     proj_bias: torch.Tensor | None
     """(D,) proj_l.bias or None."""
     eps: float
@@ -452,10 +459,13 @@ def launch_flash(
     raw_strides = _strides_bld(q)
     proj_bias = False
     if linear is not None:
-        if not linear.proj_weight.is_contiguous() or tuple(linear.proj_weight.shape) != (D, D):
-            raise ValueError(f"proj_l weight must be a contiguous ({D}, {D}) tensor, got {tuple(linear.proj_weight.shape)}")
+        weight = linear.proj_weight
+        if weight is None and linear.phi_k is not None:
+            raise ValueError("the paper's SLA variant needs proj_l's weight apart, not folded into kv_state")
+        if weight is not None and (not weight.is_contiguous() or tuple(weight.shape) != (D, D)):
+            raise ValueError(f"proj_l weight must be a contiguous ({D}, {D}) tensor, got {tuple(weight.shape)}")
         proj_bias = linear.proj_bias is not None
-        lin = (linear.kv_state, linear.k_state, linear.proj_weight, linear.proj_bias if proj_bias else q,
+        lin = (linear.kv_state, linear.k_state, weight if weight is not None else q, linear.proj_bias if proj_bias else q,
                linear.phi_k if linear.phi_k is not None else q, linear.eps, 1.0 / L)
     else:
         lin = (q, q, q, q, q, 0.0, 1.0)
@@ -483,5 +493,6 @@ def launch_flash(
         LINEAR=linear is not None, LINEAR_UNSELECTED=linear is not None and linear.phi_k is not None,  #
         PROJ_BIAS=proj_bias, USE_TMA=use_tma,  #
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"maxnreg": config.maxnreg} if config.maxnreg and q.is_cuda else {}),
     )
     return out

@@ -25,7 +25,10 @@ QUANTIZE_KEYS_LAUNCH = {"num_warps": 8, "maxnreg": 96}
 SM and half the instructions per thread of the 4-warp launch (which took 168-255 registers)."""
 
 
-@triton.jit(do_not_specialize=["H", "L", "l_pad"])
+# l_pad (a multiple of the key block) stays specialised: knowing it divisible by 16 is what lets
+# the transposed FP8 V store and the V load move 16-byte vectors (unspecialised, Triton fell back
+# to 1-byte stores and 4-byte loads strided by a token).
+@triton.jit(do_not_specialize=["H", "L"])
 def _quantize_keys_kernel(K, KMean, KInt8, KScale, V, VScale, VT8,  #
                           stride_kb, stride_kl, stride_kh,  #
                           stride_vb, stride_vl, stride_vh,  #

@@ -5,14 +5,16 @@ phi = softmax over head_dim, S = phi(K)^T V and z = sum phi(k) over ALL tokens (
 proj_l the layer's fp32 Linear(head_dim, head_dim), zero-initialised in models (so an untrained
 layer is pure block-sparse attention). proj_l None skips the linear branch.
 
-The whole op is Triton launches only (six for sla, seven for sagesla), with no host sync:
+The whole op is GPU launches only, with no host sync:
 1. pool Q per query block (+ Sage's int8 Q, `pool_queries`);
-2. pool K per key block, with S and z reduced in the same pass over K and V, and one small launch
-   reducing the per-program partials (+ K's mean, the FP8 V scale) (`pool_keys`);
+2. pool K per key block, writing phi(K) and reducing z in the same pass, one small launch
+   reducing the per-program partials (+ K's mean, the FP8 V scale), S = phi(K)^T V by cuBLAS
+   (`pool_keys`);
 3. score the pooled blocks and radix-select the sorted top-k LUT (two launches);
 4. Sage only: int8 K (and FP8 V^T) (`quantize_keys`);
-5. the flash kernel walks the LUT and adds the linear branch and proj_l (its own fp32 weight,
-   cast in the kernel) in its epilogue.
+5. the flash kernel walks the LUT and adds the linear branch and proj_l in its epilogue (proj_l
+   folded into S by the key pass's reduce launch: phi(q) (S W^T) / (phi(q) z), one D x D product
+   per query tile).
 ``linear="unselected"`` is the paper's variant (linear attention over the blocks the sparse branch
 did not take): the kernel subtracts the selected blocks' phi(q) phi(K_j)^T V_j on the fly.
 """
@@ -27,6 +29,7 @@ import triton
 
 from turbo_kernels.autotune import EXACT_MIN_COSINE, close_to_reference, length_bucket, pick_config
 from turbo_kernels.block_mask import (
+    KeyPass,
     build_block_mask_ref,
     kept_blocks,
     pool_keys,
@@ -137,12 +140,25 @@ _ADMIT = close_to_reference(lambda cfg: PV_FP8_MIN_COSINE if cfg.pv_fp8 else EXA
 FP8 P@V at PV_FP8_MIN_COSINE."""
 
 
+def linear_branch(k_pass: KeyPass, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
+                  unselected: bool) -> LinearBranch:
+    """The flash epilogue's state from a key pass. TurboDiffusion's variant expects proj_l folded
+    into the state (`pool_keys(..., fold_weight=proj_weight)`); the paper's keeps S and W apart."""
+    eps = LINEAR_EPS / k_pass.tokens
+    if unselected:
+        return LinearBranch(k_pass.kv_state, k_pass.k_state, proj_weight, proj_bias, eps, k_pass.phi_k)
+    return LinearBranch(k_pass.kv_state, k_pass.k_state, None, proj_bias, eps)
+
+
 def sparse_linear_candidates(blkq: int, blkk: int, qk_int8: bool, pv_fp8: bool | None, linear: str,
                              q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[FlashConfig]:
     """What the autotuner tries for one SLA call: the geometry's configs (Sage: one query tile per
     quantisation block), with FP8 P@V when ``pv_fp8`` is None on a GPU that has it, and TMA twins
     on Hopper. The first candidate (bf16 P@V, plain pointers) is the accuracy reference."""
-    configs = [c for c in sparse_configs(blkq, blkk) if not qk_int8 or c.block_m == blkq]
+    # Register caps only where they were measured to pay; the paper's variant carries a second
+    # accumulator through the loop and slows down under them.
+    configs = [c for c in sparse_configs(blkq, blkk)
+               if (not qk_int8 or c.block_m == blkq) and (c.maxnreg is None or linear == "all")]
     if pv_fp8 is None:
         options = [False, True] if qk_int8 and linear == "all" and fp8_pv_supported(q.device) else [False]
     else:
@@ -202,7 +218,7 @@ def sparse_linear_attention(
     def run(cfg: FlashConfig) -> tuple[torch.Tensor, torch.Tensor]:
         q_pass = pool_queries(q, blkq, sm_scale * LOG2E if qk_int8 else None)
         k_pass = pool_keys(k, blkk, v, linear=has_linear, phi_out=has_linear and unselected, v_amax=cfg.pv_fp8,
-                           k_mean=qk_int8)
+                           k_mean=qk_int8, fold_weight=proj_weight if has_linear and not unselected else None)
         lut = select_blocks_from_passes(q_pass, k_pass, topk, select)
         quant = None
         if qk_int8:
@@ -210,7 +226,7 @@ def sparse_linear_attention(
             quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
         lin = None
         if has_linear:
-            lin = LinearBranch(k_pass.kv_state, k_pass.k_state, proj_weight, proj_bias, LINEAR_EPS / L, k_pass.phi_k)
+            lin = linear_branch(k_pass, proj_weight, proj_bias, unselected)
         out = launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, lut_block_n=blkk,
                            quant=quant, linear=lin)
         if bias_only is not None:

@@ -65,6 +65,16 @@ def test_key_pass_reduces_the_linear_state_and_mean():
     assert pool_keys(k, 64).mean is None  # the mask alone needs no reduction launch
 
 
+def test_key_pass_folds_proj_l_into_the_linear_state():
+    _, k, v = _qkv(length=200, heads=2)
+    weight = torch.randn(k.shape[-1], k.shape[-1]) / 8
+    plain = pool_keys(k, 64, v, linear=True)
+    folded = pool_keys(k, 64, v, linear=True, fold_weight=weight)
+    torch.testing.assert_close(folded.kv_state, plain.kv_state @ weight.t(), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="fold_weight"):
+        pool_keys(k, 64, v, fold_weight=weight)
+
+
 @pytest.mark.parametrize("nk,kept", [(5, 1), (5, 5), (100, 10), (600, 59), (1182, 118)])
 def test_radix_select_equals_torch_topk(nk, kept):
     gen = torch.Generator().manual_seed(nk)
