@@ -312,7 +312,8 @@ def pool_keys(
 
     The linear state S = phi(K)^T V is one cuBLAS GEMM per batch entry over the phi(K) the pass
     writes: a (D x D) += (D x 64) @ (64 x D) product per key block inside the pass took the H200
-    2.0 ms at 14B 720p (one 220-register program per SM), the pass plus the GEMM about 1.4 ms.
+    2.07 ms at 14B 720p (one 220-register program per SM), the pass plus the GEMM 1.71 ms
+    (bench/results/attention_h200.json, sla's stages).
     fold_weight: a (D, D) Linear weight W (SLA's proj_l) the reduce launch folds into the state,
     kv_state = S W^T / L, so the attention epilogue multiplies once (no host-side ops for it).
     """

@@ -48,6 +48,15 @@ def test_attention_benchmark_smoke(tmp_path):
     assert report["tuning"] and all(rec["chosen"] and rec["reason"] for rec in report["tuning"].values())
 
 
+def test_host_probe_smoke(tmp_path):
+    report = _run("host_probe.py", tmp_path / "host.json")
+    assert set(report["ops"]) == {"sla", "sla-unselected", "sagesla"}
+    for op in report["ops"].values():
+        host = op["host_ms"]
+        assert op["eager_ms"] > 0 and op["graph_ms"] is None  # no CUDA graphs off the GPU
+        assert host["total"] >= host["pool_keys"] > 0 and host["launch_flash"] > 0
+
+
 def test_w8a8_benchmark_smoke(tmp_path):
     report = _run("w8a8.py", tmp_path / "w8a8.json")
     rows = report["models"]["smoke"]
