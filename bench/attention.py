@@ -450,7 +450,7 @@ def stage_times(bench: Bench, q, k, v, proj, g, qk_int8: bool, cfg) -> dict:
         timed("quantize_keys", lambda: quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_scale))
         k_int8, k_scale, v_t, v_scale = quantize_keys(k, k_pass.mean, blkk, v, k_pass.v_scale)
         quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
-    lin = linear_branch(k_pass, proj.weight.detach(), proj.bias.detach(), unselected=False)
+    lin = linear_branch(k_pass, proj.weight.detach(), proj.bias.detach())
     for name, branch in (("flash (sparse + linear epilogue)", lin), ("flash without the linear epilogue", None)):
         timed(name, lambda branch=branch: launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq,
                                                        lut_block_n=blkk, quant=quant, linear=branch))

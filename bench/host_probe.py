@@ -77,7 +77,7 @@ def host_stages(q, k, v, proj, kw: dict, cfg, device: str, iters: int) -> dict[s
             k8, ks, vt, vs = quantize_keys(k, kp.mean, blkk, v, kp.v_scale)
             quant = QuantizedQK(qp.q_int8, qp.q_scale, k8, ks, vt, vs)
         marks.append(("quantize", time.perf_counter()))
-        lin = linear_branch(kp, proj.weight.detach(), proj.bias.detach(), unselected)
+        lin = linear_branch(kp, proj.weight.detach(), proj.bias.detach())
         marks.append(("linear_branch", time.perf_counter()))
         launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, lut_block_n=blkk, quant=quant,
                      linear=lin)

@@ -235,7 +235,9 @@ class KeyPass:
     """(B, H, D) fp32 token mean of K (Sage's smoothing vector), when asked for."""
     kv_state: torch.Tensor | None = None
     """(B, H, D, D) mean over tokens of phi(k)^T v, in v's dtype (SLA's linear branch); times W^T
-    when pool_keys got fold_weight W."""
+    when `folded`."""
+    folded: bool = False
+    """pool_keys got fold_weight W: kv_state is S W^T / L."""
     k_state: torch.Tensor | None = None
     """(B, H, D) fp32 mean over tokens of phi(k)."""
     phi_k: torch.Tensor | None = None
@@ -340,7 +342,7 @@ def pool_keys(
         H, L, nb, per_program,  #
         BLOCK=block, ROWS=key_pass_rows(block, D, linear), HEAD_DIM=D, LINEAR=linear, V_AMAX=v_amax, num_warps=4,
     )
-    result = KeyPass(block_sum, block, L, phi_k=phi_k if phi_out else None)
+    result = KeyPass(block_sum, block, L, phi_k=phi_k if phi_out else None, folded=fold)
     if not (linear or v_amax or k_mean):
         return result
     result.mean = torch.empty(B, H, D, device=dev, dtype=torch.float32)

@@ -140,14 +140,12 @@ _ADMIT = close_to_reference(lambda cfg: PV_FP8_MIN_COSINE if cfg.pv_fp8 else EXA
 FP8 P@V at PV_FP8_MIN_COSINE."""
 
 
-def linear_branch(k_pass: KeyPass, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None,
-                  unselected: bool) -> LinearBranch:
-    """The flash epilogue's state from a key pass. TurboDiffusion's variant expects proj_l folded
-    into the state (`pool_keys(..., fold_weight=proj_weight)`); the paper's keeps S and W apart."""
-    eps = LINEAR_EPS / k_pass.tokens
-    if unselected:
-        return LinearBranch(k_pass.kv_state, k_pass.k_state, proj_weight, proj_bias, eps, k_pass.phi_k)
-    return LinearBranch(k_pass.kv_state, k_pass.k_state, None, proj_bias, eps)
+def linear_branch(k_pass: KeyPass, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None) -> LinearBranch:
+    """The flash epilogue's state from a key pass: proj_l's weight goes to the kernel unless the
+    pass folded it into the state (`pool_keys(..., fold_weight=...)`, TurboDiffusion's variant);
+    the paper's variant (the pass kept phi(K)) needs S and W apart."""
+    weight = None if k_pass.folded else proj_weight
+    return LinearBranch(k_pass.kv_state, k_pass.k_state, weight, proj_bias, LINEAR_EPS / k_pass.tokens, k_pass.phi_k)
 
 
 def sparse_linear_candidates(blkq: int, blkk: int, qk_int8: bool, pv_fp8: bool | None, linear: str,
@@ -226,7 +224,7 @@ def sparse_linear_attention(
             quant = QuantizedQK(q_pass.q_int8, q_pass.q_scale, k_int8, k_scale, v_t, v_scale)
         lin = None
         if has_linear:
-            lin = linear_branch(k_pass, proj_weight, proj_bias, unselected)
+            lin = linear_branch(k_pass, proj_weight, proj_bias)
         out = launch_flash(q, k, v, cfg, sm_scale=sm_scale, lut=lut, lut_block_m=blkq, lut_block_n=blkk,
                            quant=quant, linear=lin)
         if bias_only is not None:

@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 from turbo_serve.jobs.record import JobRecord
-from turbo_serve.jobs.runner import DenoiseOutput, JobCancelled, StepReporter
+from turbo_serve.jobs.runner import DenoiseOutput, JobCancelled, reported_denoise
 from turbo_serve.jobs.storage import Storage
 from turbo_serve.jobs.store import JobStore
 from turbo_serve.models.configs import get_preset
@@ -48,16 +48,9 @@ class LocalStages:
     async def denoise(self, job: JobRecord, text, negative_text, condition) -> DenoiseOutput:
         from turbo_serve.pipeline.stages import GenerationCancelled
 
-        def denoise() -> DenoiseOutput:
-            # The reporter lives in the sampling thread: a cancelled caller leaves that thread
-            # running, and it must still see the cancellation in the store and stop.
-            with StepReporter(self._store, job.id, job.owner) as reporter:
-                latents = self._denoisers[job.spec.model](job.spec, text, negative_text=negative_text, condition=condition,
-                                                          on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
-                return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
-
         try:
-            return await self._run(denoise)
+            return await self._run(reported_denoise, self._store, job.id, job.owner, self._denoisers[job.spec.model],
+                                   job.spec, text, negative_text, condition)  # fmt: skip
         except GenerationCancelled as error:
             raise JobCancelled(str(error)) from None
 

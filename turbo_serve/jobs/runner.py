@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from turbo_serve.jobs.record import (
     IllegalTransition,
@@ -70,7 +70,7 @@ class Stages(Protocol):
     async def encode_image(self, image_key: str, width: int, height: int, num_frames: int) -> Any: ...
 
     async def denoise(self, job: JobRecord, text: Any, negative_text: Any, condition: Any) -> DenoiseOutput:
-        """Must report progress and poll cancellation through a `StepReporter(store, job.id, job.owner)`."""
+        """Must report progress and poll cancellation through the job store (`reported_denoise`)."""
 
     async def decode(self, latents: Any, key: str, fps: int) -> None:
         """Write the mp4 at storage key `key`."""
@@ -159,6 +159,17 @@ class StepReporter:
             self._stop = self._store.should_stop(self._job_id, self._owner)
         except self._store.unavailable:  # carry on; the owner's lease settles who owns the job
             pass
+
+
+def reported_denoise(store: JobStore, job_id: str, owner: str, denoise: Callable[..., Any], spec: GenerationSpec,
+                     text: Any, negative_text: Any, condition: Any) -> DenoiseOutput:
+    """Run a denoise stage with its progress and cancellation going through the job store. Call it
+    on the sampling thread: a cancelled caller leaves that thread running, and it must still see
+    the cancellation and stop."""
+    with StepReporter(store, job_id, owner) as reporter:
+        latents = denoise(spec, text, negative_text=negative_text, condition=condition, on_step=reporter.on_step,
+                          should_stop=reporter.should_stop)
+    return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
 
 
 class JobRunner:

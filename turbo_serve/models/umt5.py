@@ -120,8 +120,12 @@ class UMT5TextEncoder(nn.Module):
         return [state[:length] for state, length in zip(states, mask.sum(-1).tolist())]
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.encode_tokens(prompts)
-        out = tokens[0].new_zeros((len(prompts), self.text_len, tokens[0].shape[-1]))
-        for row, states in zip(out, tokens):
-            row[: len(states)] = states
-        return out
+        return torch.stack([pad_text_states(states, self.text_len) for states in self.encode_tokens(prompts)])
+
+
+def pad_text_states(states: torch.Tensor, text_len: int) -> torch.Tensor:
+    """[tokens, dim] text states zero-padded to [text_len, dim], the context shape the DiT takes
+    (one shape for every prompt, which captured CUDA graphs depend on)."""
+    if states.shape[0] > text_len:
+        raise ValueError(f"text states have {states.shape[0]} tokens; the model takes at most {text_len}")
+    return torch.nn.functional.pad(states, (0, 0, 0, text_len - states.shape[0]))

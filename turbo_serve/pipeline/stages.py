@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from turbo_kernels.registry import AttentionMetadata, get_attention_backend
@@ -23,6 +22,7 @@ from turbo_serve.models.configs import ModelPreset, get_preset
 from turbo_serve.models.loading import load_dit
 from turbo_serve.models.loading_vae_text import load_text_encoder, load_vae
 from turbo_serve.models.tokenizer import ensure_tiny_tokenizer
+from turbo_serve.models.umt5 import pad_text_states
 from turbo_serve.pipeline.cuda_graphs import GraphedForward
 from turbo_serve.pipeline.memory import OutOfMemory, estimate_denoise_memory, lowering_advice
 from turbo_serve.pipeline.resolution import check_num_frames, check_size, latent_frames
@@ -228,7 +228,7 @@ class DenoiseStage:
         attention = AttentionMetadata(spec.attention_type, spec.sla_topk)
         shape = (1, preset.dit.out_dim, latent_frames(spec.num_frames), spec.height // 8, spec.width // 8)
         guided = spec.sampler != "rcm" and negative_text is not None and spec.guidance_scale != 1.0
-        context = torch.stack([_padded_context(t, preset.dit.text_len) for t in ([text, negative_text] if guided else [text])])
+        context = torch.stack([pad_text_states(t, preset.dit.text_len) for t in ([text, negative_text] if guided else [text])])
         context = context.to(device, dtype)
         cond = None if condition is None else condition[None].to(device, dtype)
         boundary = spec.boundary if spec.boundary is not None else preset.default_boundary
@@ -256,14 +256,6 @@ class DenoiseStage:
         else:
             raise ValueError(f"sampler must be rcm, unipc or euler, got {spec.sampler!r}")
         return latents[0].to(dtype).cpu()
-
-
-def _padded_context(states: torch.Tensor, text_len: int) -> torch.Tensor:
-    """[tokens, dim] text states zero-padded to [text_len, dim], as the DiT would pad them: one
-    context shape for every prompt, which the captured CUDA graphs depend on."""
-    if states.shape[0] > text_len:
-        raise ValueError(f"text states have {states.shape[0]} tokens; the model takes at most {text_len}")
-    return F.pad(states, (0, 0, 0, text_len - states.shape[0]))
 
 
 class DecodeStage:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import serve
 
-from turbo_serve.jobs.runner import DenoiseOutput, StepReporter
+from turbo_serve.jobs.runner import DenoiseOutput, reported_denoise
 from turbo_serve.jobs.storage import Storage
 from turbo_serve.jobs.store import open_store
 from turbo_serve.metrics import ServingMetrics
@@ -119,11 +119,9 @@ class Denoiser:
         """Latents of the job; progress goes to the job store after every step, and the loop stops
         (GenerationCancelled) once the job is cancelled or its owner lost it."""
 
-        def run():
-            with self._busy, StepReporter(self._store, job_id, owner) as reporter:
-                latents = self._stage(spec, text, negative_text=negative_text, condition=condition,
-                                      on_step=reporter.on_step, should_stop=reporter.should_stop)  # fmt: skip
-                return DenoiseOutput(latents=latents, step_seconds=reporter.step_seconds)
+        def run() -> DenoiseOutput:
+            with self._busy:
+                return reported_denoise(self._store, job_id, owner, self._stage, spec, text, negative_text, condition)
 
         return await asyncio.to_thread(run)
 
