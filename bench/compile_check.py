@@ -196,10 +196,10 @@ def variants() -> list[Variant]:
         keys = {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "KSumPart": "fp32", "ZPart": "fp32",
                 "VAmaxPart": "fp32", "PhiK": "bf16"}
         out.append(Variant(f"pool_keys {block}", _pool_keys_kernel, keys,
-                           dict(BLOCK=block, ROWS=block, HEAD_DIM=128, LINEAR=False, V_AMAX=False), 4, 3))
+                           dict(BLOCK=block, ROWS=block, HEAD_DIM=128, LINEAR=False, V_AMAX=False), 4, 1))
         out.append(Variant(f"pool_keys+linear+vamax {block}", _pool_keys_kernel, keys,
                            dict(BLOCK=block, ROWS=key_pass_rows(block, 128, True), HEAD_DIM=128, LINEAR=True,
-                                V_AMAX=True), 4, 3))
+                                V_AMAX=True), 4, 1))
         out.append(Variant(f"quantize_keys+fp8v {block}", _quantize_keys_kernel,
                            {"K": "bf16", "KMean": "fp32", "KInt8": "i8", "KScale": "fp32", "V": "bf16",
                             "VScale": "fp32", "VT8": "fp8e4nv"},

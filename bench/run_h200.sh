@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 benchmark suite, section by section, as it is run through the workplace's device tool:
 #   bench/run_h200.sh kernels e2e e2e-14b-extra   (wheels: .whl2 = av, diffusers, locust and their needs)
+#   bench/run_h200.sh attention e2e-kernels       (after a kernel change: bench/attention.py, the DiT on it)
 #   bench/run_h200.sh serve metrics load (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse;
 #                                         .whl3 = pydantic-settings, python-multipart, redis)
 # Wheels found in .whl*/ are installed into /tmp/site with the project itself; each section runs
@@ -38,8 +39,13 @@ for section in "$@"; do
       run attention 300 python3 bench/attention.py
       run w8a8 60 python3 bench/w8a8.py
       run fused_norm 60 python3 bench/fused_norm.py ;;
+    attention)  # the attention kernels alone (bench/attention.py's own JSON and log)
+      run attention 300 python3 bench/attention.py ;;
     e2e)
       run e2e 420 python3 bench/e2e.py --budget-s 390 ;;
+    e2e-kernels)  # the 14B DiT sampling with sla / sagesla at real sizes on the current kernels
+      run e2e_kernels 320 python3 bench/e2e.py --cases 14b-720p,1.3b-480p --only 'build|/(sagesla|sla)/sampling$' \
+        --budget-s 300 --out bench/results/e2e_kernels_h200.json ;;
     e2e-14b-extra)  # what e2e's budget leaves out at 14B: quant_linear and diffusers' transformer
       run e2e_14b 300 python3 bench/e2e.py --cases 14b-720p --only 'build|quant|diffusers' --budget-s 280 \
         --out bench/results/e2e_14b_h200.json ;;

@@ -61,6 +61,12 @@ def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
         tl.store(QScale + pid_bh * tl.num_programs(0) + pid, scale)
 
 
+@triton.jit
+def _load_rows_tile(base, rows, stride, offs_d, L):
+    """Rows ``rows`` (all columns offs_d) of a row-strided matrix; rows at or past L read as zero."""
+    return tl.load(base + rows.to(tl.int64)[:, None] * stride + offs_d[None, :], mask=rows[:, None] < L, other=0.0)
+
+
 @triton.jit(do_not_specialize=["H", "L", "num_blocks", "blocks_per_program"])
 def _pool_keys_kernel(K, V, BlockSum, KSumPart, ZPart, VAmaxPart, PhiK,  #
                       stride_kb, stride_kl, stride_kh,  #
@@ -70,39 +76,51 @@ def _pool_keys_kernel(K, V, BlockSum, KSumPart, ZPart, VAmaxPart, PhiK,  #
                       V_AMAX: tl.constexpr):
     """Sums of a run of key blocks (and their total, for K's mean); LINEAR: phi(K) stored (B, H, L, D)
     for the S = phi(K)^T V GEMM, and sum phi(k) over the run; V_AMAX: partial per-channel max |v|.
-    Each block is read ROWS tokens at a time."""
+
+    The run is walked ROWS tokens at a time with the next tile's loads issued before the current
+    one is reduced (register double buffering: Triton's pipeliner only stages loads that feed a dot).
+    """
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    splits = tl.num_programs(0)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
+    TILES_PER_BLOCK: tl.constexpr = BLOCK // ROWS
     acc_k = tl.zeros([HEAD_DIM], dtype=tl.float32)
     acc_z = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_amax = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for j in tl.range(0, blocks_per_program):
-        blk = split * blocks_per_program + j
-        block_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for r in tl.range(0, BLOCK // ROWS):
-            rows = blk * BLOCK + r * ROWS + offs_r
+    block_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    first = split * blocks_per_program * BLOCK
+    k_next = _load_rows_tile(k_base, first + offs_r, stride_kl, offs_d, L)
+    if V_AMAX:
+        v_next = _load_rows_tile(v_base, first + offs_r, stride_vl, offs_d, L)
+    for t in tl.range(0, blocks_per_program * TILES_PER_BLOCK):
+        rows = first + t * ROWS + offs_r
+        k = k_next
+        k_next = _load_rows_tile(k_base, rows + ROWS, stride_kl, offs_d, L)
+        if V_AMAX:
+            v = v_next
+            v_next = _load_rows_tile(v_base, rows + ROWS, stride_vl, offs_d, L)
+            v_amax = tl.maximum(v_amax, tl.max(tl.abs(v.to(tl.float32)), 0))
+        kf = k.to(tl.float32)
+        block_sum += tl.sum(kf, 0)
+        if LINEAR:
             valid = rows[:, None] < L
-            k = tl.load(k_base + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=valid, other=0.0)
-            kf = k.to(tl.float32)
-            block_sum += tl.sum(kf, 0)
-            if V_AMAX:
-                v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=valid, other=0.0)
-                v_amax = tl.maximum(v_amax, tl.max(tl.abs(v.to(tl.float32)), 0))
-            if LINEAR:
-                e = tl.math.exp2((kf - tl.max(kf, 1)[:, None]) * 1.4426950408889634)
-                phi = tl.where(valid, e / tl.sum(e, 1)[:, None], 0.0)
-                acc_z += tl.sum(phi, 0)
-                tl.store(PhiK + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :],
-                         phi.to(PhiK.dtype.element_ty), mask=valid)
-        acc_k += block_sum
-        tl.store(BlockSum + (pid_bh * num_blocks + blk) * HEAD_DIM + offs_d, block_sum, mask=blk < num_blocks)
-    part = pid_bh * tl.num_programs(0) + split
+            e = tl.math.exp2((kf - tl.max(kf, 1)[:, None]) * 1.4426950408889634)
+            phi = tl.where(valid, e / tl.sum(e, 1)[:, None], 0.0)
+            acc_z += tl.sum(phi, 0)
+            tl.store(PhiK + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :],
+                     phi.to(PhiK.dtype.element_ty), mask=valid)
+        if t % TILES_PER_BLOCK == TILES_PER_BLOCK - 1:
+            blk = split * blocks_per_program + t // TILES_PER_BLOCK
+            tl.store(BlockSum + (pid_bh * num_blocks + blk) * HEAD_DIM + offs_d, block_sum, mask=blk < num_blocks)
+            acc_k += block_sum
+            block_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    part = pid_bh * splits + split
     tl.store(KSumPart + part * HEAD_DIM + offs_d, acc_k)
     if LINEAR:
         tl.store(ZPart + part * HEAD_DIM + offs_d, acc_z)
@@ -265,8 +283,11 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-KEY_PASS_PROGRAMS_PER_SM = 4
-"""How many key-pass programs per SM the split of each head's key blocks aims for."""
+KEY_PASS_PROGRAMS_PER_SM = 16
+"""Key-pass programs per SM the split of each head's key blocks aims for: short runs keep every SM
+streaming to the end. With the double-buffered loads, sla's key pass at 14B 720p went from 1.71 ms
+(4 per SM, loads not overlapped) to 1.26 ms (bench/results/attention_h200.json, sla's stages); 16
+and 32 per SM tied in a sweep on the H200 and beat 4 and 8."""
 
 
 def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device) -> int:
@@ -313,9 +334,9 @@ def pool_keys(
     the SLA linear state, phi(K) and the FP8 V scale (one small reduce launch for these).
 
     The linear state S = phi(K)^T V is one cuBLAS GEMM per batch entry over the phi(K) the pass
-    writes: a (D x D) += (D x 64) @ (64 x D) product per key block inside the pass took the H200
-    2.07 ms at 14B 720p (one 220-register program per SM), the pass plus the GEMM 1.71 ms
-    (bench/results/attention_h200.json, sla's stages).
+    writes (it runs at about the H200's bandwidth, 0.4 ms at 14B 720p). A (D x D) += (D x 64) @
+    (64 x D) product per tile inside the pass, so phi(K) never leaves the chip, measured slower
+    there with every launch tried: 1.9 ms against 1.2 ms for the pass plus the GEMM.
     fold_weight: a (D, D) Linear weight W (SLA's proj_l) the reduce launch folds into the state,
     kv_state = S W^T / L, so the attention epilogue multiplies once (no host-side ops for it).
     """
@@ -341,6 +362,7 @@ def pool_keys(
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),  #
         H, L, nb, per_program,  #
         BLOCK=block, ROWS=key_pass_rows(block, D, linear), HEAD_DIM=D, LINEAR=linear, V_AMAX=v_amax, num_warps=4,
+        num_stages=1,  # no dot to stage: the kernel double-buffers its loads itself
     )
     result = KeyPass(block_sum, block, L, phi_k=phi_k if phi_out else None, folded=fold)
     if not (linear or v_amax or k_mean):

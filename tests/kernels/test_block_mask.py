@@ -4,6 +4,7 @@ import pytest
 import torch
 import triton
 
+from turbo_kernels import block_mask
 from turbo_kernels.block_mask import (
     GEOMETRIES,
     block_scores,
@@ -63,6 +64,23 @@ def test_key_pass_reduces_the_linear_state_and_mean():
     torch.testing.assert_close(keys.mean, k.mean(1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(keys.v_scale, v.abs().amax(1) / 448.0)
     assert pool_keys(k, 64).mean is None  # the mask alone needs no reduction launch
+
+
+@pytest.mark.parametrize("programs_per_sm", [1, 16])
+@pytest.mark.parametrize("block", [64, 128])
+def test_key_pass_walks_runs_of_blocks_tile_by_tile(monkeypatch, programs_per_sm, block):
+    """One program per head (a run of every block, 128-token blocks in two 64-row tiles with the
+    linear state) or many: the prefetching walk gives the same sums, state and ranges."""
+    monkeypatch.setattr(block_mask, "KEY_PASS_PROGRAMS_PER_SM", programs_per_sm)
+    _, k, v = _qkv(length=650, heads=2, dim=128)
+    assert block_mask.key_pass_rows(128, 128, True) == 64
+    keys = pool_keys(k, block, v, linear=True, v_amax=True, k_mean=True)
+    phi = torch.softmax(k, dim=-1)
+    torch.testing.assert_close(keys.pooled, _block_means(k - k.mean(1, keepdim=True), block), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(keys.mean, k.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys.kv_state, torch.einsum("blhd,blhe->bhde", phi, v) / 650, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(keys.k_state, phi.mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(keys.v_scale, v.abs().amax(1) / 448.0)
 
 
 def test_key_pass_folds_proj_l_into_the_linear_state():
