@@ -43,9 +43,11 @@ for section in "$@"; do
       run attention 300 python3 bench/attention.py ;;
     e2e)
       run e2e 420 python3 bench/e2e.py --budget-s 390 ;;
-    e2e-kernels)  # the 14B DiT sampling with sla / sagesla at real sizes on the current kernels
+    e2e-kernels)  # the DiT with sla / sagesla at real sizes on the current kernels: 14B sampling, 1.3B request
       run e2e_kernels 320 python3 bench/e2e.py --cases 14b-720p,1.3b-480p --only 'build|/(sagesla|sla)/sampling$' \
-        --budget-s 300 --out bench/results/e2e_kernels_h200.json ;;
+        --budget-s 300 --out bench/results/e2e_kernels_h200.json
+      run e2e_kernels_1.3b 170 python3 bench/e2e.py --cases 1.3b-480p --only 'build|/(sagesla|sla)/request$' \
+        --budget-s 150 --out bench/results/e2e_kernels_1.3b_h200.json ;;
     e2e-14b-extra)  # what e2e's budget leaves out at 14B: quant_linear and diffusers' transformer
       run e2e_14b 300 python3 bench/e2e.py --cases 14b-720p --only 'build|quant|diffusers' --budget-s 280 \
         --out bench/results/e2e_14b_h200.json ;;
