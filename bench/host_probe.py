@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from source_checkout import importable_from_checkout  # noqa: E402
 
 importable_from_checkout()
-from attention import SHAPES, SMOKE_SHAPE, random_proj, video_qkv  # noqa: E402
+from attention import SHAPES, SMOKE_SHAPE, graph_replay, random_proj, video_qkv  # noqa: E402
 from timing import measure, sync  # noqa: E402
 from turbo_kernels.autotune import last_config  # noqa: E402
 from turbo_kernels.block_mask import pool_keys, pool_queries, select_blocks_from_passes  # noqa: E402
@@ -40,20 +40,6 @@ OPS = (
     ("sla-unselected", dict(blkq=128, blkk=64, linear="unselected")),
     ("sagesla", dict(blkq=64, blkk=128, qk_int8=True, pv_fp8=None)),
 )
-
-
-def graph_ms(fn, device: str) -> float | None:
-    """The op captured in a CUDA graph, replay timed like the eager call (None off CUDA)."""
-    if device != "cuda":
-        return None
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        fn()
-    return measure(graph.replay, device, max_s=1.0, max_reps=30)["ms"]
 
 
 def host_stages(q, k, v, proj, kw: dict, cfg, device: str, iters: int) -> dict[str, float]:
@@ -107,7 +93,8 @@ def main() -> None:
         fn = lambda kw=kw: sparse_linear_attention(q, k, v, 0.1, proj, **kw)  # noqa: E731
         eager = measure(fn, device, max_s=1.0, max_reps=30)["ms"]
         cfg = last_config("sla")
-        row = {"config": cfg.describe(), "eager_ms": round(eager, 3), "graph_ms": graph_ms(fn, device),
+        graph = graph_replay(fn, fn(), device)["ms"] if device == "cuda" else None
+        row = {"config": cfg.describe(), "eager_ms": round(eager, 3), "graph_ms": graph,
                "host_ms": host_stages(q, k, v, proj, kw, cfg, device, iters=1 if args.smoke else 5)}
         report["ops"][label] = row
         print(f"{label}: {row}", flush=True)
