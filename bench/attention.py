@@ -47,11 +47,14 @@ from turbo_kernels.accuracy import compare  # noqa: E402
 from turbo_kernels.autotune import last_config, tuned_configs, tuning_log  # noqa: E402
 from turbo_kernels.block_mask import (  # noqa: E402
     GEOMETRIES,
+    SELECT_WARPS,
+    block_scores,
     build_block_mask,
     kept_blocks,
     pool_keys,
     pool_queries,
     select_blocks_from_passes,
+    select_topk,
 )
 from turbo_kernels.block_sparse import (  # noqa: E402
     block_sparse_attention,
@@ -377,6 +380,7 @@ def run_shape(bench: Bench, shape: Shape, extras: bool, dense_config: FlashConfi
     for g in GEOMETRIES:
         variant(f"mask_{_tag(g)}", lambda g=g: build_block_mask(q, k, topk, *g), graph=g == (128, 64))
     variant("mask_128x64_torch_topk", lambda: build_block_mask(q, k, topk, 128, 64, method="torch"))
+    res["select_launch"] = select_launch_sweep(q, k, topk, device)
     # Block-sparse at the 128x64 geometry: whole op, kernel alone, FlexAttention kernel on the same LUT.
     g = (128, 64)
     variant("block_sparse_128x64", lambda: block_sparse_attention(q, k, v, build_block_mask(q, k, topk, *g)),
@@ -416,6 +420,26 @@ def run_shape(bench: Bench, shape: Shape, extras: bool, dense_config: FlashConfi
     res["mask_recall"] = {_tag(g): mask_recall(q, k, lut_for(g), *g) for g in GEOMETRIES}
     res["targets"] = targets(variants, base_name, sage_geom)
     return res
+
+
+def select_launch_sweep(q, k, topk: float, device: str) -> dict:
+    """The radix select (one score row per program) at each warp count, on this shape's real block
+    scores for both geometries: its time, and whether its LUT equals torch.topk's (sorted) on the
+    same scores. The score GEMM is timed beside it."""
+    out: dict = {"default_warps": SELECT_WARPS}
+    for g in GEOMETRIES:
+        queries, keys = pool_queries(q, g[0]), pool_keys(k, g[1])
+        scores = block_scores(queries.pooled, keys)
+        kept = kept_blocks(topk, scores.shape[-1])
+        expected = torch.topk(scores, kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+        row: dict = {"key_blocks": scores.shape[-1], "kept": kept,
+                     "score_ms": measure(lambda: block_scores(queries.pooled, keys), device, max_s=0.2)["ms"]}
+        for warps in (1, 2, 4, 8):
+            select = lambda warps=warps: select_topk(scores, kept, num_warps=warps)  # noqa: E731
+            row[f"warps_{warps}"] = {"equal_to_torch_topk": bool(torch.equal(select(), expected)),
+                                     "ms": measure(select, device, max_s=0.2)["ms"]}
+        out[_tag(g)] = row
+    return out
 
 
 def stage_times(bench: Bench, q, k, v, proj, g, qk_int8: bool, cfg) -> dict:

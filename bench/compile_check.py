@@ -29,8 +29,7 @@ from source_checkout import importable_from_checkout  # noqa: E402
 
 importable_from_checkout()
 from turbo_kernels.block_mask import (  # noqa: E402
-    SELECT_ELEMENTS,
-    SELECT_LAUNCH,
+    SELECT_WARPS,
     _block_scores_kernel,
     _finalize_keys_kernel,
     _pool_keys_kernel,
@@ -215,8 +214,7 @@ def variants() -> list[Variant]:
                            dict(KEY_BLOCK=block, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64), 4, 3))
     for nk_pad in (256, 512, 1024, 2048):  # 480p and 720p, both geometries
         out.append(Variant(f"select_topk {nk_pad}", _select_topk_kernel, {"Score": "fp32", "Lut": "i32"},
-                           dict(ROWS=max(1, SELECT_ELEMENTS // nk_pad), NK_PAD=nk_pad), SELECT_LAUNCH["num_warps"], 3,
-                           maxnreg=SELECT_LAUNCH["maxnreg"]))
+                           dict(NK_PAD=nk_pad), SELECT_WARPS, 3))
     out.append(Variant("quantize_tiles", _quantize_tiles_kernel, {"X": "bf16", "XQ": "i8", "Scale": "fp32"},
                        dict(TILE_SIZE=128), QUANT_LAUNCH["num_warps"], 3, maxnreg=QUANT_LAUNCH["maxnreg"]))
     for c in GEMM_CONFIGS:

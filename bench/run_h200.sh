@@ -2,6 +2,7 @@
 # The H200 benchmark suite, section by section, as it is run through the workplace's device tool:
 #   bench/run_h200.sh kernels e2e e2e-14b-extra   (wheels: .whl2 = av, diffusers, locust and their needs)
 #   bench/run_h200.sh attention e2e-kernels       (after a kernel change: bench/attention.py, the DiT on it)
+#   bench/run_h200.sh repeat                      (second samples of those at 720p / 14B)
 #   bench/run_h200.sh serve metrics load (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse;
 #                                         .whl3 = pydantic-settings, python-multipart, redis)
 # Wheels found in .whl*/ are installed into /tmp/site with the project itself; each section runs
@@ -48,6 +49,11 @@ for section in "$@"; do
         --budget-s 300 --out bench/results/e2e_kernels_h200.json
       run e2e_kernels_1.3b 170 python3 bench/e2e.py --cases 1.3b-480p --only 'build|/(sagesla|sla)/request$' \
         --budget-s 150 --out bench/results/e2e_kernels_1.3b_h200.json ;;
+    repeat)  # a second sample of the numbers above that vary from lease to lease: attention at 720p, 14B sampling
+      run attention_720p_repeat 200 python3 bench/attention.py --shapes 720p \
+        --out bench/results/attention_h200_720p_repeat.json
+      run e2e_kernels_repeat 250 python3 bench/e2e.py --cases 14b-720p --only 'build|/(sagesla|sla)/sampling$' \
+        --budget-s 230 --out bench/results/e2e_kernels_h200_repeat.json ;;
     e2e-14b-extra)  # what e2e's budget leaves out at 14B: quant_linear and diffusers' transformer
       run e2e_14b 300 python3 bench/e2e.py --cases 14b-720p --only 'build|quant|diffusers' --budget-s 280 \
         --out bench/results/e2e_14b_h200.json ;;

@@ -192,46 +192,43 @@ def _block_scores_kernel(PooledQ, BlockSum, Score, L, num_qblocks, num_kblocks, 
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_kblocks", "kept"])
-def _select_topk_kernel(Score, Lut, num_rows, num_kblocks, kept,  #
-                        ROWS: tl.constexpr, NK_PAD: tl.constexpr):
-    """Top ``kept`` columns of ROWS score rows, written as ascending int32 column indices.
+@triton.jit(do_not_specialize=["num_kblocks", "kept"])
+def _select_topk_kernel(Score, Lut, num_kblocks, kept, NK_PAD: tl.constexpr):
+    """Top ``kept`` columns of one score row, written as ascending int32 column indices.
 
     Radix select on the order-preserving int32 image of the fp32 scores: up to 32 count passes
     find a threshold with exactly ``kept`` keys at or above it (or, with ties, the kept-th largest
     key; ties go to the lowest columns), and a prefix sum over the selection gives every chosen
     column its slot, so the row comes out sorted.
     """
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, NK_PAD)
-    row_ok = rows < num_rows
-    valid = row_ok[:, None] & (cols[None, :] < num_kblocks)
-    score = tl.load(Score + rows.to(tl.int64)[:, None] * num_kblocks + cols[None, :], mask=valid, other=0.0)
+    valid = cols < num_kblocks
+    score = tl.load(Score + row * num_kblocks + cols, mask=valid, other=0.0)
     bits = score.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of key == float order
     key = tl.where(valid, key, -2147483648)  # padding sorts below every real score
-    # Largest threshold t with count(key >= t) >= kept, built from the top bit down; once every
-    # row has exactly `kept` keys >= t, the lower bits cannot change the selection and the loop
-    # stops (typically after ~20 of the 32 bits; ties at the threshold run all of them).
-    count = tl.sum((key >= 0).to(tl.int32), 1)
+    # Largest threshold t with count(key >= t) >= kept, built from the top bit down; once exactly
+    # `kept` keys are >= t, the lower bits cannot change the selection and the loop stops
+    # (typically after ~20 of the 32 bits; ties at the threshold run all of them).
+    count = tl.sum((key >= 0).to(tl.int32), 0)
     take = count >= kept
     t = tl.where(take, 0, -2147483648)
-    count = tl.where(take, count, tl.sum(valid.to(tl.int32), 1))
+    count = tl.where(take, count, num_kblocks)
     bit = 30
-    while (bit >= 0) & (tl.max(tl.where(row_ok, count, kept), 0) > kept):
+    while (bit >= 0) & (count > kept):
         cand = t | (1 << bit)
-        cand_count = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+        cand_count = tl.sum((key >= cand).to(tl.int32), 0)
         take = cand_count >= kept
         t = tl.where(take, cand, t)
         count = tl.where(take, cand_count, count)
         bit -= 1
-    above = key > t[:, None]
-    tie = (key == t[:, None]) & valid
-    need = kept - tl.sum(above.to(tl.int32), 1)
-    chosen = above | (tie & (tl.cumsum(tie.to(tl.int32), 1) <= need[:, None]))
-    slot = tl.cumsum(chosen.to(tl.int32), 1) - 1
-    tl.store(Lut + rows.to(tl.int64)[:, None] * kept + slot, cols[None, :] + 0 * slot, mask=chosen & row_ok[:, None])
+    above = key > t
+    tie = (key == t) & valid
+    need = kept - tl.sum(above.to(tl.int32), 0)
+    chosen = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    tl.store(Lut + row * kept + slot, cols, mask=chosen)
 
 
 @dataclass
@@ -420,27 +417,26 @@ def block_scores(pooled_q: torch.Tensor, keys: KeyPass) -> torch.Tensor:
     return score
 
 
-def select_topk(score: torch.Tensor, kept: int) -> torch.Tensor:
-    """int32 (..., kept) ascending indices of each row's ``kept`` largest scores (`_select_topk_kernel`)."""
+def select_topk(score: torch.Tensor, kept: int, num_warps: int | None = None) -> torch.Tensor:
+    """int32 (..., kept) ascending indices of each row's ``kept`` largest scores (`_select_topk_kernel`,
+    on SELECT_WARPS warps unless ``num_warps`` says otherwise: benchmarks sweep it)."""
     *lead, nk = score.shape
     if not 1 <= kept <= nk:
         raise ValueError(f"kept must be in 1..{nk}, got {kept}")
-    rows = score.numel() // nk
     lut = torch.empty(*lead, kept, device=score.device, dtype=torch.int32)
-    nk_pad = triton.next_power_of_2(nk)
-    per_program = max(1, SELECT_ELEMENTS // nk_pad)
-    launch = SELECT_LAUNCH if score.is_cuda else {"num_warps": SELECT_LAUNCH["num_warps"]}
-    _select_topk_kernel[(triton.cdiv(rows, per_program),)](
-        score, lut, rows, nk, kept, ROWS=per_program, NK_PAD=nk_pad, **launch,
-    )
+    _select_topk_kernel[(score.numel() // nk,)](score, lut, nk, kept, NK_PAD=triton.next_power_of_2(nk),
+                                                num_warps=num_warps or SELECT_WARPS)
     return lut
 
 
-SELECT_ELEMENTS = 4096
-"""Scores per `_select_topk_kernel` program (rows x padded key blocks): 32 per thread over 4 warps."""
-SELECT_LAUNCH = {"num_warps": 4, "maxnreg": 96}
-"""Capped at 96 registers (no spills on sm90, bench/compile_check.py; 160 uncapped), so five
-programs share an SM and hide the count passes' reduction latency."""
+SELECT_WARPS = 2
+"""`_select_topk_kernel` runs one score row per program, on 2 warps: each row stops its count
+passes as soon as its own threshold is found, and a pass reduces over 64 threads. bench/attention.py
+sweeps the warp count on real scores (select_launch in bench/results/attention_h200.json): 2 warps
+was the fastest or within 3% of it at 14B 720p and at 1.3B 480p 64x128, 0.01 ms behind 8 warps at
+480p 128x64. Against the previous launch (several rows per program on 4 warps, capped at 96
+registers) the mask's select stage (score + select) went from 0.68 to 0.51-0.54 ms at 720p and
+from 0.13 to 0.09 ms at 480p."""
 
 SELECT_METHODS = ("triton", "torch")
 """triton: score + radix-select kernels (two launches); torch: matmul, topk, sort, cast (the

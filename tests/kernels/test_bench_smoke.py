@@ -41,6 +41,11 @@ def test_attention_benchmark_smoke(tmp_path):
     sla = variants["sla_128x64"]
     assert sla["vs_exact_rounded"]["rel_l1"] < sla["vs_exact"]["rel_l1"]
     assert 0.0 < shape["mask_recall"]["128x64"] <= 1.0
+    # Every launch shape of the radix select picks what torch.topk picks on the same scores.
+    sweep = shape["select_launch"]
+    for geometry in ("128x64", "64x128"):
+        rows = {name: r for name, r in sweep[geometry].items() if name.startswith("warps_")}
+        assert len(rows) == 4 and all(r["equal_to_torch_topk"] and r["ms"] > 0 for r in rows.values())
     targets = shape["targets"]
     assert targets["block_sparse_128x64 cosine vs exact masked >= 0.9999"]["pass"]
     assert targets["sla_128x64 rel L1 vs exact masked, fp32 (info)"]["pass"] is None
