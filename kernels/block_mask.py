@@ -285,8 +285,8 @@ def _multiprocessors(device_index: int) -> int:
 KEY_PASS_PROGRAMS_PER_SM = 16
 """Key-pass programs per SM the split of each head's key blocks aims for: short runs keep every SM
 streaming to the end. With the double-buffered loads, sla's key pass at 14B 720p went from 1.71 ms
-(4 per SM, loads not overlapped) to 1.26 ms (bench/results/attention_h200.json, sla's stages); 16
-and 32 per SM tied in a sweep on the H200 and beat 4 and 8."""
+(4 per SM, loads not overlapped) to 1.16-1.26 ms (sla's stages in bench/results/attention_h200*.json);
+16 and 32 per SM tied in a sweep on the H200 and beat 4 and 8."""
 
 
 def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device) -> int:
