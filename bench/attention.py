@@ -55,6 +55,7 @@ from turbo_kernels.block_mask import (  # noqa: E402
     pool_queries,
     select_blocks_from_passes,
     select_topk,
+    select_topk_ref,
 )
 from turbo_kernels.block_sparse import (  # noqa: E402
     block_sparse_attention,
@@ -431,7 +432,7 @@ def select_launch_sweep(q, k, topk: float, device: str) -> dict:
         queries, keys = pool_queries(q, g[0]), pool_keys(k, g[1])
         scores = block_scores(queries.pooled, keys)
         kept = kept_blocks(topk, scores.shape[-1])
-        expected = torch.topk(scores, kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+        expected = select_topk_ref(scores, kept)
         row: dict = {"key_blocks": scores.shape[-1], "kept": kept,
                      "score_ms": measure(lambda: block_scores(queries.pooled, keys), device, max_s=0.2)["ms"]}
         for warps in (1, 2, 4, 8):

@@ -396,7 +396,11 @@ def select_blocks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -
     """Top key blocks per query block from pooled (B, H, blocks, D) tensors: int32 LUT, ascending
     (torch: the reference, and the selectable fallback of `select_blocks_triton`)."""
     score = pooled_q @ pooled_k.transpose(-1, -2)
-    kept = kept_blocks(topk, pooled_k.shape[-2])
+    return select_topk_ref(score, kept_blocks(topk, pooled_k.shape[-2]))
+
+
+def select_topk_ref(score: torch.Tensor, kept: int) -> torch.Tensor:
+    """`select_topk` in torch: each row's ``kept`` largest columns, ascending int32."""
     idx = torch.topk(score, kept, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values.to(torch.int32).contiguous()
 
