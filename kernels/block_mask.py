@@ -334,8 +334,11 @@ def pool_keys(
 
     The linear state S = phi(K)^T V is one cuBLAS GEMM per batch entry over the phi(K) the pass
     writes (it runs at about the H200's bandwidth, 0.4 ms at 14B 720p). A (D x D) += (D x 64) @
-    (64 x D) product per tile inside the pass, so phi(K) never leaves the chip, measured slower
-    there with every launch tried: 1.9 ms against 1.2 ms for the pass plus the GEMM.
+    (64 x D) product per tile inside the pass, so phi(K) never leaves the chip, never won there:
+    1.9 ms against 1.2 ms for the pass plus the GEMM at first; the best later try (V^T phi
+    pipelined two stages deep, (D, D) partials per program that the reduce launch sums) did not
+    beat it either: 1.17-1.27 ms against 1.17-1.20 ms, and 1.66-1.69 against 1.52-1.54 ms on
+    Sage's 128-token pass, all in one H200 run.
     fold_weight: a (D, D) Linear weight W (SLA's proj_l) the reduce launch folds into the state,
     kv_state = S W^T / L, so the attention epilogue multiplies once (no host-side ops for it).
     """
