@@ -397,7 +397,7 @@ def kept_blocks(topk: float, num_key_blocks: int) -> int:
 
 def select_blocks(pooled_q: torch.Tensor, pooled_k: torch.Tensor, topk: float) -> torch.Tensor:
     """Top key blocks per query block from pooled (B, H, blocks, D) tensors: int32 LUT, ascending
-    (torch: the reference, and the selectable fallback of `select_blocks_triton`)."""
+    (torch: the reference, and method "torch" of `select_blocks_from_passes`)."""
     score = pooled_q @ pooled_k.transpose(-1, -2)
     return select_topk_ref(score, kept_blocks(topk, pooled_k.shape[-2]))
 
@@ -424,6 +424,16 @@ def block_scores(pooled_q: torch.Tensor, keys: KeyPass) -> torch.Tensor:
     return score
 
 
+SELECT_WARPS = 2
+"""`_select_topk_kernel` runs one score row per program, on 2 warps: each row stops its count
+passes as soon as its own threshold is found, and a pass reduces over 64 threads. bench/attention.py
+sweeps the warp count on real scores (select_launch in bench/results/attention_h200.json): 2 warps
+was the fastest or within 3% of it at 14B 720p and at 1.3B 480p 64x128, 0.01 ms behind 8 warps at
+480p 128x64. Against the previous launch (several rows per program on 4 warps, capped at 96
+registers) the mask's select stage (score + select) went from 0.68 to 0.51-0.54 ms at 720p and
+from 0.13 to 0.09 ms at 480p."""
+
+
 def select_topk(score: torch.Tensor, kept: int, num_warps: int | None = None) -> torch.Tensor:
     """int32 (..., kept) ascending indices of each row's ``kept`` largest scores (`_select_topk_kernel`,
     on SELECT_WARPS warps unless ``num_warps`` says otherwise: benchmarks sweep it)."""
@@ -435,15 +445,6 @@ def select_topk(score: torch.Tensor, kept: int, num_warps: int | None = None) ->
                                                 num_warps=num_warps or SELECT_WARPS)
     return lut
 
-
-SELECT_WARPS = 2
-"""`_select_topk_kernel` runs one score row per program, on 2 warps: each row stops its count
-passes as soon as its own threshold is found, and a pass reduces over 64 threads. bench/attention.py
-sweeps the warp count on real scores (select_launch in bench/results/attention_h200.json): 2 warps
-was the fastest or within 3% of it at 14B 720p and at 1.3B 480p 64x128, 0.01 ms behind 8 warps at
-480p 128x64. Against the previous launch (several rows per program on 4 warps, capped at 96
-registers) the mask's select stage (score + select) went from 0.68 to 0.51-0.54 ms at 720p and
-from 0.13 to 0.09 ms at 480p."""
 
 SELECT_METHODS = ("triton", "torch")
 """triton: score + radix-select kernels (two launches); torch: matmul, topk, sort, cast (the
