@@ -57,6 +57,8 @@ class Variant:
     num_stages: int
     floats: tuple[str, ...] = ()
     maxnreg: int | None = None
+    descriptors: dict[str, str] = field(default_factory=dict)
+    """Argument -> TMA descriptor type ("tensordesc<bf16[128, 128]>") for host-built descriptors."""
     report: dict = field(default_factory=dict)
 
 
@@ -65,6 +67,8 @@ def _signature(v: Variant) -> tuple[dict, dict, dict]:
     for i, name in enumerate(v.fn.arg_names):
         if name in v.constexprs:
             sig[name] = "constexpr"
+        elif name in v.descriptors:
+            sig[name] = v.descriptors[name]
         elif name in v.pointers:
             sig[name] = "*" + v.pointers[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -143,8 +147,16 @@ def _flash(name, bm, bn, warps, stages, *, dense=False, int8=False, fp8=False, l
     const = dict(HEAD_DIM=dim, BLOCK_M=bm, BLOCK_N=bn, LUT_BLOCK_M=lut_block_m or bm, LUT_BLOCK_N=lut_block_n or bn,
                  DENSE=dense, EVEN_N=False, QK_INT8=int8, PV_FP8=fp8, LINEAR=linear, LINEAR_UNSELECTED=unselected,
                  PROJ_BIAS=linear, USE_TMA=tma)
+    descriptors = {}
+    if tma:  # what `_tma_descriptors` builds: Q as 2-D rows, K/V/O 4-D, SLA's state 2-D
+        v_block = f"1, 1, {dim}, {bn}" if fp8 else f"1, {bn}, 1, {dim}"
+        k_block = f"1, 1, {bn}, {dim}" if int8 else f"1, {bn}, 1, {dim}"
+        descriptors = {"Q": f"tensordesc<{qk}[{bm}, {dim}]>", "K": f"tensordesc<{qk}[{k_block}]>",
+                       "V": f"tensordesc<{pointers['V']}[{v_block}]>", "Out": f"tensordesc<{act}[1, {bm}, 1, {dim}]>"}
+        if linear:
+            descriptors["LinS"] = f"tensordesc<{act}[{dim}, {dim}]>"
     return Variant(name, _flash_fwd, pointers, const, warps, stages, floats=("lin_eps", "inv_len", "qk_scale"),
-                   maxnreg=maxnreg)
+                   maxnreg=maxnreg, descriptors=descriptors)
 
 
 def variants() -> list[Variant]:

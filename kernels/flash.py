@@ -17,7 +17,14 @@ inner loop (and one place to tune it):
   z = sum phi(k) precomputed per head, phi = softmax over head_dim. ``LINEAR_UNSELECTED`` is the
   paper's variant: the loop also accumulates phi(q) phi(K_j)^T V_j of the selected blocks, which
   the epilogue subtracts, so the linear branch covers only the blocks the sparse branch skipped.
-- ``USE_TMA``: K/V/Q/O through on-device tensor descriptors (Hopper TMA) instead of pointers.
+- ``USE_TMA``: Q/K/V/O (and SLA's state S) through Hopper TMA descriptors the host builds
+  (`_tma_descriptors`), passed as kernel parameters, instead of pointers. Q is a 2-D (rows, columns)
+  view so its tile stays in shared memory as the QK MMA's A operand; K, V and O are 4-D in their
+  own layouts, so a ragged tile reads zeros and stores clip at L. Against descriptors built on the
+  device by every program (`tl.make_tensor_descriptor`: ~400 SASS instructions and a tensormap
+  fence per program), the whole ops under CUDA-graph replay ran 3.3-3.8% faster at 1.3B 480p and
+  0.6-1.9% at 14B 720p (bench/results/ab_tma_descriptors_h200.json, one call); eager sagesla at
+  480p, where launches are host-bound, ran 10% slower, and dense 128x128 at 720p 0.7% slower.
 - ``PAIR``: BLOCK_N is two LUT key blocks: each step gathers the rows of two (not necessarily
   adjacent) LUT entries into one BLOCK_N-row tile, so a 64-key LUT runs 128-wide MMAs and half the
   softmax bookkeeping. An odd count or the ragged block makes one masked step at the end.
@@ -32,6 +39,10 @@ the block-sparse kernel at 0.96x, 0.92x and 0.85x; and fewer accumulator rescale
 neither rescaling only when a row max grows by more than 2**8 (a branch over the whole tile: 1.01x,
 sla 0.98x, slower at 480p) nor one softmax step over two TMA-loaded LUT blocks (QK and PV one MMA
 per block: 0.91x; it spills under the 128-register cap that puts two CTAs on an SM).
+FlashAttention-3's in-warpgroup overlap (issue the next block's QK before this block's softmax) does
+not survive compilation: Triton 3.6's wgmma pipeliner puts a full wait right after every dot whose
+result a non-dot op reads inside the loop, so in the sm90 PTX of that loop each QK and PV MMA is
+waited on at once and the softmax never runs under an MMA.
 """
 
 from __future__ import annotations
@@ -41,9 +52,10 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from turbo_kernels.convert import MAGIC_BITS, MAGIC_F32
-from turbo_kernels.tma import ensure_tma_allocator, tma_mode, tma_ready
+from turbo_kernels.tma import tma_mode, tma_ready
 
 LOG2E = 1.4426950408889634
 
@@ -72,10 +84,16 @@ class FlashConfig:
 
 
 @triton.jit
-def _load_rows(base, desc, row0, n_rows, stride_row, offs_r, offs_d, MASK: tl.constexpr, USE_TMA: tl.constexpr):
-    """Tile of rows row0 + offs_r (all columns offs_d); rows at or past n_rows read as zero."""
+def _load_rows(base, desc, row0, n_rows, stride_row, offs_r, offs_d, MASK: tl.constexpr, USE_TMA: tl.constexpr,
+               batch=0, head=0, HEADS_FIRST: tl.constexpr = False):
+    """Tile of rows row0 + offs_r (all columns offs_d); rows at or past n_rows read as zero.
+    USE_TMA: ``desc`` is a 4-D (B, L, H, D) descriptor, (B, H, L, D) with HEADS_FIRST."""
     if USE_TMA:
-        tile = desc.load([row0, 0])
+        if HEADS_FIRST:
+            tile = desc.load([batch, head, row0, 0])
+        else:
+            tile = desc.load([batch, row0, head, 0])
+        tile = tile.reshape(offs_r.shape[0], offs_d.shape[0])
     else:
         ptrs = base + row0.to(tl.int64) * stride_row + offs_r[:, None] * stride_row + offs_d[None, :]
         if MASK:
@@ -113,7 +131,7 @@ def _softmax_rows(x):
 def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
                   k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
                   kb, kb2, second_valid, L, stride_kl, stride_vl,  #
-                  offs_n, offs_d,  #
+                  offs_n, offs_d, batch, head,  #
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, LUT_BLOCK_N: tl.constexpr, MASK: tl.constexpr,  #
                   QK_INT8: tl.constexpr, PV_FP8: tl.constexpr, LINEAR_UNSELECTED: tl.constexpr,  #
                   USE_TMA: tl.constexpr, PAIR: tl.constexpr):
@@ -130,7 +148,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         start_n = kb * BLOCK_N
         rows = start_n + offs_n
         col_ok = rows < L
-        k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA)
+        k = _load_rows(k_base, desc_k, start_n, L, stride_kl, offs_n, offs_d, MASK, USE_TMA, batch, head, QK_INT8)
     qk = tl.dot(q, tl.trans(k))
     if QK_INT8:
         # |q.k| <= 256 * 127 * 127 < 2**22, so the int32 tile plus 1.5 * 2**23 is that float
@@ -161,7 +179,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
     if PV_FP8:
         # V^T tile (D, BLOCK_N); L_pad is a multiple of the key block and zero-padded, so never masked.
         if USE_TMA:
-            vt = desc_v.load([0, kb * BLOCK_N])
+            vt = desc_v.load([batch, head, 0, kb * BLOCK_N]).reshape(HEAD_DIM, BLOCK_N)
         else:
             vt = tl.load(v_base + offs_d[:, None] * stride_vl + rows[None, :])
         # P (<= 1) times 448 uses e4m3's whole range; scaling the fresh dot back keeps Triton from
@@ -171,7 +189,7 @@ def _attend_block(acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
         if PAIR:
             v = _gather_pair(v_base, kb, kb2, first, local, stride_vl, offs_d, col_ok, LUT_BLOCK_N, MASK)
         else:
-            v = _load_rows(v_base, desc_v, kb * BLOCK_N, L, stride_vl, offs_n, offs_d, MASK, USE_TMA)
+            v = _load_rows(v_base, desc_v, kb * BLOCK_N, L, stride_vl, offs_n, offs_d, MASK, USE_TMA, batch, head)
         acc = tl.dot(p.to(v.dtype), v, acc)
         if LINEAR_UNSELECTED:
             phik = tl.load(phik_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -202,37 +220,28 @@ def _flash_fwd(Q, K, V, Out,  #
     PAIR: tl.constexpr = BLOCK_N == 2 * LUT_BLOCK_N
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    batch = pid_bh // H
+    head = pid_bh % H
+    off_b = batch.to(tl.int64)
+    off_h = head.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-
     if USE_TMA:
-        desc_q = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[stride_ql, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        desc_k = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[stride_kl, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        if PV_FP8:
-            desc_v = tl.make_tensor_descriptor(v_base, shape=[HEAD_DIM, num_kblocks * BLOCK_N],
-                                               strides=[stride_vl, 1], block_shape=[HEAD_DIM, BLOCK_N])
-        else:
-            desc_v = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[stride_vl, 1],
-                                               block_shape=[BLOCK_N, HEAD_DIM])
-        desc_o = tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[stride_ol, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+        # Q, K, V, Out are host-built descriptors; the pointer bases stay unused.
+        k_base = QRaw
+        v_base = QRaw
+        if QK_INT8:  # int8 Q as (B*H*L, D): rows past L belong to the next head and are never stored
+            q = Q.load([pid_bh * L + start_m, 0])
+        else:  # (B*L, H*D): rows past L belong to the next batch entry and are never stored
+            q = Q.load([batch * L + start_m, head * HEAD_DIM])
     else:
-        desc_q = Q
-        desc_k = K
-        desc_v = V
-        desc_o = Out
-
-    q = _load_rows(q_base, desc_q, start_m, L, stride_ql, offs_m, offs_d, True, USE_TMA)
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        o_base = Out + off_b * stride_ob + off_h * stride_oh
+        q = _load_rows(q_base, Q, start_m, L, stride_ql, offs_m, offs_d, True, False)
     if QK_INT8:
         scale_q = tl.load(QScale + pid_bh * tl.num_programs(0) + pid_m)
     else:
@@ -281,8 +290,8 @@ def _flash_fwd(Q, K, V, Out,  #
             kb2 = kb
         acc, l_i, m_i, lin_acc, lin_den = _attend_block(
             acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
-            k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
-            kb, kb2, True, L, stride_kl, stride_vl, offs_n, offs_d,  #
+            k_base, K, v_base, V, KScale, phik_base,  #
+            kb, kb2, True, L, stride_kl, stride_vl, offs_n, offs_d, batch, head,  #
             HEAD_DIM, BLOCK_N, LUT_BLOCK_N, False, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA, PAIR)
     if PAIR:
         # 1 or 2 LUT entries left: an odd one (second half absent) and/or the ragged block.
@@ -292,15 +301,15 @@ def _flash_fwd(Q, K, V, Out,  #
             kb2 = tl.load(lut_row + n_blocks - 1)
             acc, l_i, m_i, lin_acc, lin_den = _attend_block(
                 acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
-                k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
-                kb, kb2, left > 1, L, stride_kl, stride_vl, offs_n, offs_d,  #
+                k_base, K, v_base, V, KScale, phik_base,  #
+                kb, kb2, left > 1, L, stride_kl, stride_vl, offs_n, offs_d, batch, head,  #
                 HEAD_DIM, BLOCK_N, LUT_BLOCK_N, True, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA, PAIR)
     elif not EVEN_N:
         if n_full < n_blocks:
             acc, l_i, m_i, lin_acc, lin_den = _attend_block(
                 acc, l_i, m_i, lin_acc, lin_den, q, scale_q, phi_q,  #
-                k_base, desc_k, v_base, desc_v, KScale, phik_base,  #
-                num_kblocks - 1, num_kblocks - 1, True, L, stride_kl, stride_vl, offs_n, offs_d,  #
+                k_base, K, v_base, V, KScale, phik_base,  #
+                num_kblocks - 1, num_kblocks - 1, True, L, stride_kl, stride_vl, offs_n, offs_d, batch, head,  #
                 HEAD_DIM, BLOCK_N, LUT_BLOCK_N, True, QK_INT8, PV_FP8, LINEAR_UNSELECTED, USE_TMA, PAIR)
 
     if PV_FP8:
@@ -312,7 +321,10 @@ def _flash_fwd(Q, K, V, Out,  #
         else:
             q_raw = q
         phi = _softmax_rows(q_raw)
-        s = tl.load(LinS + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+        if USE_TMA:
+            s = LinS.load([pid_bh * HEAD_DIM, 0])
+        else:
+            s = tl.load(LinS + pid_bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
         z = tl.load(LinZ + pid_bh * HEAD_DIM + offs_d)
         den = tl.sum(phi * z[None, :], 1)
         if LINEAR_UNSELECTED:
@@ -327,10 +339,10 @@ def _flash_fwd(Q, K, V, Out,  #
         if PROJ_BIAS:
             acc += tl.load(ProjB + offs_d).to(tl.float32)[None, :]
 
-    out = acc.to(Out.dtype.element_ty)
     if USE_TMA:
-        desc_o.store([start_m, 0], out)
+        Out.store([batch, start_m, head, 0], acc.to(Out.dtype).reshape(1, BLOCK_M, 1, HEAD_DIM))
     else:
+        out = acc.to(Out.dtype.element_ty)
         rows = start_m + offs_m
         tl.store(o_base + rows.to(tl.int64)[:, None] * stride_ol + offs_d[None, :], out, mask=rows[:, None] < L)
 
@@ -393,6 +405,33 @@ def with_tma_twins(configs: list[FlashConfig], tma: bool, lut_block_n: int | Non
         out += [replace(c, use_tma=True) for c in configs
                 if not c.use_tma and (lut_block_n is None or c.block_n == lut_block_n)]
     return out
+
+
+def _rows_view(q: torch.Tensor, heads_first: bool) -> tuple[list[int], list[int]] | None:
+    """(shape, strides) of Q as the 2-D row matrix the kernel's TMA path reads it through, or None
+    when Q's strides do not allow it: (B*L, H*D) for (B, L, H, D), (B*H*L, D) for Sage's int8
+    (B, H, L, D)."""
+    if heads_first:
+        return ([q.numel() // q.shape[-1], q.shape[-1]], [q.shape[-1], 1]) if q.is_contiguous() else None
+    B, L, H, D = q.shape
+    if q.stride(2) != D or (B > 1 and q.stride(0) != L * q.stride(1)):
+        return None
+    return [B * L, H * D], [q.stride(1), 1]
+
+
+def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block_m: int,
+                     block_n: int, qk_int8: bool, pv_fp8: bool) -> tuple[TensorDescriptor, ...]:
+    """Host-side descriptors for `_flash_fwd`'s USE_TMA path: Q as 2-D rows (`_rows_view`), K, V
+    and Out 4-D in their own layouts, one (batch, head) per tile; Sage's int8 K and FP8 V^T are
+    (B, H, L, D) and (B, H, D, L_pad)."""
+    D = q.shape[-1]
+    shape, strides = _rows_view(q, qk_int8)
+    descriptors = [TensorDescriptor(q, shape, strides, [block_m, D])]
+    k_block = [1, 1, block_n, D] if qk_int8 else [1, block_n, 1, D]
+    v_block = [1, 1, D, block_n] if pv_fp8 else [1, block_n, 1, D]
+    for t, block in ((k, k_block), (v, v_block), (out, [1, block_m, 1, D])):
+        descriptors.append(TensorDescriptor(t, list(t.shape), list(t.stride()), block))
+    return tuple(descriptors)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -480,15 +519,20 @@ def launch_flash(
         raise ValueError("the paper's SLA variant (linear over unselected blocks) needs bf16/fp16 PV, not FP8")
 
     mode = tma_mode()
-    use_tma = (config.use_tma or mode == "on") and mode != "off" and tma_ready(q_op, k_op, v_op, out)
+    use_tma = ((config.use_tma or mode == "on") and mode != "off" and tma_ready(q_op, k_op, v_op, out)
+               and _rows_view(q_op, quant is not None) is not None)
     if use_tma and bn != lut_block_n:
         raise ValueError("TMA loads one contiguous key block per step; the two-block walk (block_n = 2 x the "
                          "LUT's key block) needs plain pointers")
+    operands = (q_op, k_op, v_op, out)
     if use_tma:
-        ensure_tma_allocator()
+        operands = _tma_descriptors(q_op, k_op, v_op, out, bm, bn, quant is not None, pv_fp8)
+        if linear is not None:
+            state = linear.kv_state
+            lin = (TensorDescriptor(state, [state.numel() // D, D], [D, 1], [D, D]),) + lin[1:]
     grid = (triton.cdiv(L, bm), B * H)
     _flash_fwd[grid](
-        q_op, k_op, v_op, out,  #
+        *operands,  #
         *q_strides, *k_strides, *v_strides, *_strides_bld(out),  #
         q_scale, k_scale, v_scale,  #
         lut_t, topk, lut_rows,  #

@@ -15,6 +15,10 @@ The whole op is GPU launches only, with no host sync:
 5. the flash kernel walks the LUT and adds the linear branch and proj_l in its epilogue (proj_l
    folded into S by the key pass's reduce launch: phi(q) (S W^T) / (phi(q) z), one D x D product
    per query tile).
+Overlapping the passes with the flash kernel did not pay on the H200: with the heads in 2-6
+groups, each group's passes on a second stream while the previous group's flash kernel ran, the op
+took 26.9-27.5 ms against 26.6 ms at 14B 720p and 1.79-2.47 against 1.70 ms at 1.3B 480p under
+graph replay (one probe run; the flash kernel holds every SM, so the passes wait behind it).
 ``linear="unselected"`` is the paper's variant (linear attention over the blocks the sparse branch
 did not take): the kernel subtracts the selected blocks' phi(q) phi(K_j)^T V_j on the fly.
 """

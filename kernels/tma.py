@@ -1,8 +1,9 @@
 """Hopper TMA (tensor memory accelerator) plumbing shared by the kernels that can use it.
 
-Kernels build on-device tensor descriptors (`tl.make_tensor_descriptor`); these helpers decide
-whether operands qualify, whether the autotuners should try TMA at all, and install the scratch
-allocator on-device descriptors need.
+The attention kernel gets descriptors built on the host (`turbo_kernels.flash`); the W8A8 GEMM
+builds its own on the device (`tl.make_tensor_descriptor`). These helpers decide whether operands
+qualify, whether the autotuners should try TMA at all, and install the scratch allocator that
+on-device descriptors need.
 """
 
 from __future__ import annotations

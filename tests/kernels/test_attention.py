@@ -154,6 +154,28 @@ def test_block_sparse_subdivided_query_tiles_and_tma():
         _assert_exact_gate(block_sparse_attention(q, k, v, lut, blkq=128, blkk=64, config=config), ref)
 
 
+def test_tma_descriptors_equal_pointer_loads_in_every_mode():
+    """The USE_TMA path (host-built descriptors: Q as 2-D rows, K/V/O 4-D) reads and writes the same
+    elements as plain pointers: batch 2, a ragged length and Q/K/V as views of one fused QKV tensor,
+    so the 2-D Q view's rows past L fall into the next batch entry (and must never be stored)."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = torch.randn(2, 200, 3, 2, 64, generator=gen).half().unbind(2)
+    proj = _proj(64)
+    cases = {
+        "dense": lambda cfg: dense_attention(q, k, v, config=cfg),
+        "block_sparse": lambda cfg: block_sparse_attention(q, k, v, build_block_mask(q, k, 0.5, 128, 64),
+                                                           blkq=128, blkk=64, config=cfg),
+        "sla": lambda cfg: sla_attention(q, k, v, 0.5, proj, config=cfg),
+        "sla_unselected": lambda cfg: sla_attention(q, k, v, 0.5, proj, linear="unselected", config=cfg),
+        "sage": lambda cfg: sage_attention(q, k, v, pv_fp8=False, config=cfg),
+        "sagesla_fp8_pv": lambda cfg: sagesla_attention(q, k, v, 0.5, proj, geometry=(128, 64), pv_fp8=True,
+                                                        config=cfg),
+    }
+    for name, run in cases.items():
+        plain = run(FlashConfig(128, 64))
+        assert torch.equal(run(FlashConfig(128, 64, use_tma=True)), plain), name
+
+
 def test_linear_reference_definitions():
     q, k, v = _qkv(200, 2, 64, torch.float32, seed=6)
     phi_q, phi_k = torch.softmax(q, -1), torch.softmax(k, -1)

@@ -69,3 +69,22 @@ def test_w8a8_benchmark_smoke(tmp_path):
         assert "error" not in row.get("w8a8_linear", {}), row
         assert row["w8a8_linear"]["vs_fp32"]["cosine"] > 0.999
         assert row["weight_mb_int8"] * 2 == pytest.approx(row["weight_mb_bf16"])
+
+
+def test_ab_kernels_smoke(tmp_path):
+    """Two kernel trees (here the same one twice), each in its own process: both runs and their
+    ratios land in one report."""
+    out = tmp_path / "ab.json"
+    kernels = BENCH.parent / "kernels"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(BENCH / "ab_kernels.py"), "--smoke", "--tree", f"a={kernels}",
+                           "--tree", f"b={kernels}", "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"a", "b"}
+    for run in report["runs"].values():
+        assert set(run["shapes"]["smoke"]) == {"block_sparse", "sla", "sagesla"}
+        assert all(min(r["eager_ms"]) > 0 for r in run["shapes"]["smoke"].values())
+    ratios = report["ratios_to_a"]["b"]["smoke"]
+    assert all(r["eager_best"] > 0 and r["graph"] is None for r in ratios.values())
