@@ -19,12 +19,14 @@ inner loop (and one place to tune it):
   the epilogue subtracts, so the linear branch covers only the blocks the sparse branch skipped.
 - ``USE_TMA``: Q/K/V/O (and SLA's state S) through Hopper TMA descriptors the host builds
   (`_tma_descriptors`), passed as kernel parameters, instead of pointers. Q is a 2-D (rows, columns)
-  view so its tile stays in shared memory as the QK MMA's A operand; K, V and O are 4-D in their
-  own layouts, so a ragged tile reads zeros and stores clip at L. Against descriptors built on the
-  device by every program (`tl.make_tensor_descriptor`: ~400 SASS instructions and a tensormap
-  fence per program), the whole ops under CUDA-graph replay ran 3.3-3.8% faster at 1.3B 480p and
-  0.6-1.9% at 14B 720p (bench/results/ab_tma_descriptors_h200.json, one call); eager sagesla at
-  480p, where launches are host-bound, ran 10% slower, and dense 128x128 at 720p 0.7% slower.
+  view so its tile stays in shared memory as the QK MMA's A operand (a 4-D Q tile is reshaped in
+  registers, and the MMA reading Q from registers ran 1.8x slower at 720p under the 128-register
+  cap); K, V and O are 4-D in their own layouts, so a ragged tile reads zeros and stores clip at L
+  (2-D K/V views timed the same). Against descriptors built on the device by every program
+  (`tl.make_tensor_descriptor`: ~400 SASS instructions and a tensormap fence per program), the
+  whole ops under CUDA-graph replay ran 3.3-3.8% faster at 1.3B 480p and 0.6-1.9% at 14B 720p
+  (bench/results/ab_tma_descriptors_h200.json, one call); eager sagesla at 480p, where launches
+  are host-bound, ran 10% slower, and dense 128x128 at 720p 0.7% slower.
 - ``PAIR``: BLOCK_N is two LUT key blocks: each step gathers the rows of two (not necessarily
   adjacent) LUT entries into one BLOCK_N-row tile, so a 64-key LUT runs 128-wide MMAs and half the
   softmax bookkeeping. An odd count or the ragged block makes one masked step at the end.
