@@ -98,14 +98,16 @@ def ratios(base: dict, other: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", action="append", required=True, help="TAG=KERNELS_DIR; the first is the base")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tree", action="append", help="TAG=KERNELS_DIR; the first is the base")
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shape through the Triton interpreter")
     parser.add_argument("--child", nargs=3, metavar=("DIR", "TAG", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measure_tree(Path(args.child[0]), args.child[1], Path(args.child[2]), args.smoke)
         return
+    if not args.tree or not args.out:
+        parser.error("--tree (at least one) and --out are required")
     import torch
     import triton
 
@@ -114,11 +116,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for tag, path in trees.items():
             part = Path(tmp) / f"{tag}.json"
-            subprocess.run([sys.executable, __file__, "--tree", args.tree[0], "--out", str(args.out),
-                            *(["--smoke"] if args.smoke else []), "--child", path, tag, str(part)], check=True)
+            subprocess.run([sys.executable, __file__, *(["--smoke"] if args.smoke else []), "--child", path, tag,
+                            str(part)], check=True)
             runs[tag] = json.loads(part.read_text())
     base = next(iter(runs))
-    report = {"device": "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    device = "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name()
+    report = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "trees": trees, "runs": runs,
               "ratios_to_" + base: {tag: ratios(runs[base], run) for tag, run in runs.items() if tag != base}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

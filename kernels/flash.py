@@ -421,14 +421,14 @@ def _rows_view(q: torch.Tensor, heads_first: bool) -> tuple[list[int], list[int]
     return [B * L, H * D], [q.stride(1), 1]
 
 
-def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, block_m: int,
-                     block_n: int, qk_int8: bool, pv_fp8: bool) -> tuple[TensorDescriptor, ...]:
-    """Host-side descriptors for `_flash_fwd`'s USE_TMA path: Q as 2-D rows (`_rows_view`), K, V
-    and Out 4-D in their own layouts, one (batch, head) per tile; Sage's int8 K and FP8 V^T are
-    (B, H, L, D) and (B, H, D, L_pad)."""
+def _tma_descriptors(q: torch.Tensor, q_rows: tuple[list[int], list[int]], k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, block_m: int, block_n: int, qk_int8: bool,
+                     pv_fp8: bool) -> tuple[TensorDescriptor, ...]:
+    """Host-side descriptors for `_flash_fwd`'s USE_TMA path: Q as the 2-D rows ``q_rows``
+    (`_rows_view`), K, V and Out 4-D in their own layouts, one (batch, head) per tile; Sage's int8 K
+    and FP8 V^T are (B, H, L, D) and (B, H, D, L_pad)."""
     D = q.shape[-1]
-    shape, strides = _rows_view(q, qk_int8)
-    descriptors = [TensorDescriptor(q, shape, strides, [block_m, D])]
+    descriptors = [TensorDescriptor(q, *q_rows, [block_m, D])]
     k_block = [1, 1, block_n, D] if qk_int8 else [1, block_n, 1, D]
     v_block = [1, 1, D, block_n] if pv_fp8 else [1, block_n, 1, D]
     for t, block in ((k, k_block), (v, v_block), (out, [1, block_m, 1, D])):
@@ -521,14 +521,15 @@ def launch_flash(
         raise ValueError("the paper's SLA variant (linear over unselected blocks) needs bf16/fp16 PV, not FP8")
 
     mode = tma_mode()
+    q_rows = _rows_view(q_op, quant is not None)
     use_tma = ((config.use_tma or mode == "on") and mode != "off" and tma_ready(q_op, k_op, v_op, out)
-               and _rows_view(q_op, quant is not None) is not None)
+               and q_rows is not None)
     if use_tma and bn != lut_block_n:
         raise ValueError("TMA loads one contiguous key block per step; the two-block walk (block_n = 2 x the "
                          "LUT's key block) needs plain pointers")
     operands = (q_op, k_op, v_op, out)
     if use_tma:
-        operands = _tma_descriptors(q_op, k_op, v_op, out, bm, bn, quant is not None, pv_fp8)
+        operands = _tma_descriptors(q_op, q_rows, k_op, v_op, out, bm, bn, quant is not None, pv_fp8)
         if linear is not None:
             state = linear.kv_state
             lin = (TensorDescriptor(state, [state.numel() // D, D], [D, 1], [D, D]),) + lin[1:]
