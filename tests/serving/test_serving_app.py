@@ -11,7 +11,7 @@ import ray
 from openai import OpenAI
 from PIL import Image
 
-from serving_support import LONG, SMALL, replica_actors, wait_for
+from serving_support import LONG, RETRIED_JOB_S, SMALL, replica_actors, wait_for
 
 pytestmark = pytest.mark.ray
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # the client marks the Videos API deprecated
@@ -150,7 +150,7 @@ def test_killed_denoiser_replica_mid_job_is_retried(served_app):
             time.sleep(0.05)
         (replica,) = replica_actors("Denoiser-tiny-t2v")
         ray.kill(replica)
-        done = wait_for(http, video["id"], timeout_s=180)
+        done = wait_for(http, video["id"], timeout_s=RETRIED_JOB_S)
         assert done["status"] == "completed", done
         assert done["attempts"] == 2
 
@@ -173,6 +173,6 @@ def test_ingress_restart_keeps_jobs_and_finishes_the_running_one(served_app):
             assert time.monotonic() < deadline
             time.sleep(0.5)
         assert http.get(f"/v1/videos/{finished['id']}").json()["status"] == "completed"
-        done = wait_for(http, running["id"], timeout_s=180)
+        done = wait_for(http, running["id"], timeout_s=RETRIED_JOB_S)
         assert done["status"] == "completed", done
         assert done["attempts"] == 2  # the first owner died with the Ingress; the reaper re-queued it
