@@ -30,12 +30,13 @@ from source_checkout import importable_from_checkout  # noqa: E402
 importable_from_checkout()
 from turbo_kernels.block_mask import (  # noqa: E402
     SELECT_WARPS,
+    KeyPassLaunch,
     _block_scores_kernel,
     _finalize_keys_kernel,
     _pool_keys_kernel,
     _pool_queries_kernel,
     _select_topk_kernel,
-    key_pass_rows,
+    pool_queries_warps,
 )
 from turbo_kernels.flash import _flash_fwd  # noqa: E402
 from turbo_kernels.quant import QUANTIZE_KEYS_LAUNCH, _quantize_keys_kernel  # noqa: E402
@@ -116,8 +117,9 @@ def compile_variant(v: Variant, arch: int) -> dict:
 SASS_CLASSES = {
     "mma": ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA"),
     "exp2": ("MUFU.EX2",),
+    "rcp": ("MUFU.RCP",),
     "i2f": ("I2F",),
-    "f2i": ("F2I",),
+    "f2i": ("F2I", "FRND"),
     "global_load": ("LDG",),
     "async_copy": ("LDGSTS", "UTMALDG", "UBLKCP"),
     "shared": ("LDS", "STS", "LDSM", "STSM"),
@@ -200,17 +202,23 @@ def variants() -> list[Variant]:
             out.append(_flash(f"sage/{pv} {c.describe()}", c.block_m, c.block_n, c.num_warps, c.num_stages,
                               dense=True, int8=True, fp8=fp8))
     for block in (64, 128):
+        out.append(Variant(f"pool_queries {block}", _pool_queries_kernel,
+                           {"Q": "bf16", "Pooled": "fp32", "QInt8": "fp32", "QScale": "fp32"},
+                           dict(BLOCK=block, HEAD_DIM=128, QUANTIZE=False), pool_queries_warps(block, 128, False), 3,
+                           floats=("quant_scale",)))
         out.append(Variant(f"pool_queries+int8 {block}", _pool_queries_kernel,
                            {"Q": "bf16", "Pooled": "fp32", "QInt8": "i8", "QScale": "fp32"},
-                           dict(BLOCK=block, HEAD_DIM=128, QUANTIZE=True), 8 if block == 128 else 4, 3,
+                           dict(BLOCK=block, HEAD_DIM=128, QUANTIZE=True), pool_queries_warps(block, 128, True), 3,
                            floats=("quant_scale",)))
         keys = {"K": "bf16", "V": "bf16", "BlockSum": "fp32", "KSumPart": "fp32", "ZPart": "fp32",
                 "VAmaxPart": "fp32", "PhiK": "bf16"}
+        key_pass = KeyPassLaunch()
         out.append(Variant(f"pool_keys {block}", _pool_keys_kernel, keys,
-                           dict(BLOCK=block, ROWS=block, HEAD_DIM=128, LINEAR=False, V_AMAX=False), 4, 1))
+                           dict(BLOCK=block, ROWS=key_pass.rows, HEAD_DIM=128, LINEAR=False, V_AMAX=False),
+                           key_pass.num_warps, 1))
         out.append(Variant(f"pool_keys+linear+vamax {block}", _pool_keys_kernel, keys,
-                           dict(BLOCK=block, ROWS=key_pass_rows(block, 128, True), HEAD_DIM=128, LINEAR=True,
-                                V_AMAX=True), 4, 1))
+                           dict(BLOCK=block, ROWS=key_pass.rows, HEAD_DIM=128, LINEAR=True, V_AMAX=True),
+                           key_pass.num_warps, 1))
         out.append(Variant(f"quantize_keys+fp8v {block}", _quantize_keys_kernel,
                            {"K": "bf16", "KMean": "fp32", "KInt8": "i8", "KScale": "fp32", "V": "bf16",
                             "VScale": "fp32", "VT8": "fp8e4nv"},
@@ -261,7 +269,7 @@ def main() -> None:
             mix = r["sass"]
             print(f"{v.name:45s} regs {r['registers']:>3} spill {r['spill_bytes']:>4} smem {r['shared_bytes']:>6}"
                   f"{'' if r['fits_shared'] else ' (TOO BIG)'} sass {mix['total']:>5} (mma {mix['mma']} ex2 "
-                  f"{mix['exp2']} i2f {mix['i2f']} ldg {mix['global_load']} async {mix['async_copy']}) "
+                  f"{mix['exp2']} rcp {mix['rcp']} i2f {mix['i2f']} f2i {mix['f2i']} ldg {mix['global_load']} async {mix['async_copy']}) "
                   f"mma {' '.join(r['mma'])}{' tma' if r['tma'] else ''}{' cp.async' if r['cp_async'] else ''}",
                   flush=True)
     out = args.out or RESULTS / f"compile_sm{args.arch}.json"

@@ -2,6 +2,7 @@
 # The H200 benchmark suite, section by section, as it is run through the workplace's device tool:
 #   bench/run_h200.sh kernels e2e e2e-14b-extra   (wheels: .whl2 = av, diffusers, locust and their needs)
 #   bench/run_h200.sh attention e2e-kernels       (after a kernel change: bench/attention.py, the DiT on it)
+#   bench/run_h200.sh passes                      (launch sweeps of the passes: bench/passes.py)
 #   bench/run_h200.sh repeat                      (second samples of those at 720p / 14B)
 #   bench/run_h200.sh serve metrics load (wheels: .whl = Ray Serve, from shared/tools/gpu-wheelhouse;
 #                                         .whl3 = pydantic-settings, python-multipart, redis)
@@ -42,6 +43,8 @@ for section in "$@"; do
       run fused_norm 60 python3 bench/fused_norm.py ;;
     attention)  # the attention kernels alone (bench/attention.py's own JSON and log)
       run attention 300 python3 bench/attention.py ;;
+    passes)  # launch sweeps of the passes around the flash kernel (pooling, key pass, Sage's quantisation)
+      run passes 200 python3 bench/passes.py ;;
     e2e)
       run e2e 420 python3 bench/e2e.py --budget-s 390 ;;
     e2e-kernels)  # the DiT with sla / sagesla at real sizes on the current kernels: 14B sampling, 1.3B request

@@ -25,16 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
+from turbo_kernels.convert import quantize_values
 from turbo_kernels.dispatch import use_triton
 
 GEOMETRIES = ((128, 64), (64, 128))
 """(blkq, blkk) pairs: SLA/Sparge's 128x64 and SageAttention's Hopper 64x128."""
 
 
+SAGE_MIN_SCALE = tl.constexpr(1e-20)
+"""Floor of Sage's per-block int8 scale (an all-zero block quantises to zeros, not NaN)."""
+
+
 @triton.jit
-def round_half_away(x):
-    """Round to nearest, ties away from zero (SageAttention's int8 rounding)."""
-    return tl.where(x >= 0, tl.floor(x + 0.5), tl.ceil(x - 0.5))
+def sage_block_scale(amax):
+    """Sage's int8 scale of a block whose max |x| is ``amax``: amax / 127 (IEEE, as torch divides),
+    at least SAGE_MIN_SCALE; values are then quantised by `quantize_values`."""
+    return tl.maximum(tl.math.div_rn(amax, 127.0), SAGE_MIN_SCALE)
 
 
 @triton.jit(do_not_specialize=["H", "L"])
@@ -55,8 +61,8 @@ def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
     tl.store(Pooled + (pid_bh * tl.num_programs(0) + pid) * HEAD_DIM + offs_d, tl.sum(x, 0) / count)
     if QUANTIZE:
         x = x * quant_scale
-        scale = tl.maximum(tl.max(tl.abs(x)) / 127.0, 1e-20)
-        xq = round_half_away(x / scale).to(tl.int8)
+        scale = sage_block_scale(tl.max(tl.abs(x)))
+        xq = quantize_values(x, scale)
         tl.store(QInt8 + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :], xq, mask=valid)
         tl.store(QScale + pid_bh * tl.num_programs(0) + pid, scale)
 
@@ -113,7 +119,7 @@ def _pool_keys_kernel(K, V, BlockSum, KSumPart, ZPart, VAmaxPart, PhiK,  #
         if LINEAR:
             valid = rows[:, None] < L
             e = tl.math.exp2((kf - tl.max(kf, 1)[:, None]) * 1.4426950408889634)
-            phi = tl.where(valid, e / tl.sum(e, 1)[:, None], 0.0)
+            phi = tl.where(valid, e * (1.0 / tl.sum(e, 1))[:, None], 0.0)
             acc_z += tl.sum(phi, 0)
             tl.store(PhiK + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :],
                      phi.to(PhiK.dtype.element_ty), mask=valid)
@@ -282,22 +288,42 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-KEY_PASS_PROGRAMS_PER_SM = 16
-"""Key-pass programs per SM the split of each head's key blocks aims for: short runs keep every SM
-streaming to the end. With the double-buffered loads, sla's key pass at 14B 720p went from 1.71 ms
-(4 per SM, loads not overlapped) to 1.16-1.26 ms (sla's stages in bench/results/attention_h200*.json);
-16 and 32 per SM tied in a sweep on the H200 and beat 4 and 8."""
+@dataclass(frozen=True)
+class KeyPassLaunch:
+    """How `_pool_keys_kernel` is launched (benchmarks sweep it: bench/passes.py).
+
+    Programs of one warp on 8-row tiles keep a program's reductions inside its warp: the column
+    sums of a tile (block sums, sum phi) add in registers and one shuffle, phi's row softmax over
+    head_dim in shuffles, with no shared memory or barrier. Whole key pass (kernel, S GEMM, reduce
+    launch) on the H200, bench/results/passes_h200.json, against the previous 4-warp programs on
+    64-row tiles at 16 programs per SM: 14B 720p mask-only 0.21 against 0.28 ms (reading K alone, a
+    torch sum over L, took 0.20 ms), sla's 64-token pass with phi 0.81 against 1.08 ms, Sage's
+    128-token pass with phi and the V range 0.97 against 1.44 ms; 1.3B 480p 0.034 / 0.20 / 0.19
+    against 0.050 / 0.19 / 0.24 ms. At 720p 16-row tiles were 2-4% faster for the mask-only and
+    Sage's passes and up to 10% slower for sla's; 32-row tiles, 2 and 4 warps were slower. Left open:
+    at 480p sla's pass took 0.15 ms at 16 programs per SM (its reduce launch then sums a quarter of
+    the partials) and Sage's 0.17 ms, but Sage's took 1.08 ms at 720p; per-shape splits are not
+    measured in the whole ops yet."""
+
+    num_warps: int = 1
+    rows: int = 8
+    """Tokens per load; the key block must be a multiple of it."""
+    programs_per_sm: int = 64
+    """Programs per SM the split of each head's key blocks aims for: short runs keep every SM
+    streaming to the end."""
 
 
-def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device) -> int:
-    """Split each head's key blocks so the key pass runs KEY_PASS_PROGRAMS_PER_SM programs per SM."""
+def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device, launch: KeyPassLaunch) -> int:
+    """Split each head's key blocks so the key pass runs launch.programs_per_sm programs per SM."""
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 1
-    return max(1, min(num_blocks, triton.cdiv(KEY_PASS_PROGRAMS_PER_SM * sms, batch_heads)))
+    return max(1, min(num_blocks, triton.cdiv(launch.programs_per_sm * sms, batch_heads)))
 
 
-def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None) -> QueryPass:
-    """Triton pass over Q: block means, and with ``quant_scale`` Sage's int8 Q (scale folded in)."""
+def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None, *,
+                 num_warps: int | None = None) -> QueryPass:
+    """Triton pass over Q: block means, and with ``quant_scale`` Sage's int8 Q (scale folded in);
+    on `pool_queries_warps` warps unless ``num_warps`` says otherwise (benchmarks sweep it)."""
     B, L, H, D = q.shape
     nb = triton.cdiv(L, block)
     pooled = torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32)
@@ -307,15 +333,18 @@ def pool_queries(q: torch.Tensor, block: int, quant_scale: float | None = None) 
     _pool_queries_kernel[(nb, B * H)](
         q, pooled, q_int8 if quantize else pooled, q_scale if quantize else pooled,  #
         q.stride(0), q.stride(1), q.stride(2), H, L, quant_scale or 1.0,  #
-        BLOCK=block, HEAD_DIM=D, QUANTIZE=quantize, num_warps=4 if block * D <= 64 * 128 else 8,
+        BLOCK=block, HEAD_DIM=D, QUANTIZE=quantize, num_warps=num_warps or pool_queries_warps(block, D, quantize),
     )
     return QueryPass(pooled, q_int8, q_scale)
 
 
-def key_pass_rows(block: int, head_dim: int, linear: bool) -> int:
-    """Tokens per load of the key pass: 64 where the linear branch's softmax over a 128 x 128 tile
-    would take 255 registers (4 warps) or one 8-warp program per SM."""
-    return 64 if linear and block * head_dim > 64 * 128 else block
+def pool_queries_warps(block: int, head_dim: int, quantize: bool) -> int:
+    """Warps of a `_pool_queries_kernel` program. The block mean alone streams through one warp
+    (its loads feed running sums, no tile stays live); Sage's int8 Q keeps the whole block live
+    for its max: 128 values per thread. H200 (bench/results/passes_h200.json): the 128-token mean
+    took 0.19 ms on one warp against 0.27 ms on 8 at 14B 720p (0.032 against 0.049 ms at 1.3B
+    480p), the 64-token int8 pass 0.35 ms on 2 warps against 0.41 ms on 4 (0.053 against 0.059)."""
+    return max(1, block * head_dim // (128 * 32)) if quantize else 1
 
 
 def pool_keys(
@@ -328,6 +357,7 @@ def pool_keys(
     v_amax: bool = False,
     k_mean: bool = False,
     fold_weight: torch.Tensor | None = None,
+    launch: KeyPassLaunch = KeyPassLaunch(),
 ) -> KeyPass:
     """Triton pass over K (and V for its FP8 range): per-block sums, plus on request K's token mean,
     the SLA linear state, phi(K) and the FP8 V scale (one small reduce launch for these).
@@ -341,8 +371,11 @@ def pool_keys(
     Sage's 128-token pass, all in one H200 run.
     fold_weight: a (D, D) Linear weight W (SLA's proj_l) the reduce launch folds into the state,
     kv_state = S W^T / L, so the attention epilogue multiplies once (no host-side ops for it).
+    launch: the key pass's launch (`KeyPassLaunch`).
     """
     B, L, H, D = k.shape
+    if block % launch.rows:
+        raise ValueError(f"the key block ({block}) must be a multiple of the key pass's rows ({launch.rows})")
     if (linear or v_amax) and v is None:
         raise ValueError("pool_keys needs v for the linear state or the V range")
     fold = fold_weight is not None
@@ -350,7 +383,7 @@ def pool_keys(
         raise ValueError(f"fold_weight must be a contiguous ({D}, {D}) weight, with linear=True")
     v = k if v is None else v
     nb = triton.cdiv(L, block)
-    splits = _programs_per_head(B * H, nb, k.device)
+    splits = _programs_per_head(B * H, nb, k.device, launch)
     per_program = triton.cdiv(nb, splits)
     splits = triton.cdiv(nb, per_program)
     dev = k.device
@@ -363,7 +396,7 @@ def pool_keys(
         k, v, block_sum, k_part, z_part, amax_part, phi_k if linear else block_sum,  #
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),  #
         H, L, nb, per_program,  #
-        BLOCK=block, ROWS=key_pass_rows(block, D, linear), HEAD_DIM=D, LINEAR=linear, V_AMAX=v_amax, num_warps=4,
+        BLOCK=block, ROWS=launch.rows, HEAD_DIM=D, LINEAR=linear, V_AMAX=v_amax, num_warps=launch.num_warps,
         num_stages=1,  # no dot to stage: the kernel double-buffers its loads itself
     )
     result = KeyPass(block_sum, block, L, phi_k=phi_k if phi_out else None, folded=fold)

@@ -30,3 +30,13 @@ def round_to_int8(y):
     1.5 * 2**23 rounds y to an integer in the FPU's round-to-nearest-even mode and leaves it in
     the low bits, so no F2I is needed."""
     return ((y + MAGIC_F32).to(tl.int32, bitcast=True) - MAGIC_BITS).to(tl.int8)
+
+
+@triton.jit
+def quantize_values(x, scale):
+    """int8 of round-half-even(x * (1 / scale)) clamped to [-127, 127] (W8A8's `quantize_tiles`
+    and Sage's `quantize_qk_ref` in torch): one IEEE reciprocal per call (scale is a tile's
+    scalar), then per element a multiply, the clamp (which also keeps the multiply from being
+    fused into the rounding add) and `round_to_int8`, so no division and no F2I per element."""
+    inv = tl.math.div_rn(1.0, scale)
+    return round_to_int8(tl.clamp(x * inv, -127.0, 127.0))

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from turbo_kernels.autotune import close_to_reference, pick_config
-from turbo_kernels.convert import int32_to_float_exact, round_to_int8
+from turbo_kernels.convert import int32_to_float_exact, quantize_values
 from turbo_kernels.dispatch import use_triton
 from turbo_kernels.tma import ensure_tma_allocator, tma_candidates_allowed, tma_ready
 
@@ -79,16 +79,6 @@ def tile_scale(amax):
     it on the fly with `tile_scale` and `quantize_values` and hand the result to `w8a8_matmul`;
     the two give exactly `quantize_tiles`."""
     return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-12)
-
-
-@triton.jit
-def quantize_values(x, scale):
-    """int8 of round-half-even(x * (1 / scale)) clamped to [-127, 127], exactly `quantize_tiles`:
-    one IEEE reciprocal per call (scale is the tile's scalar), then per element a multiply, the
-    clamp (which also keeps the multiply from being fused into the rounding add) and
-    `round_to_int8` (no F2I)."""
-    inv = tl.math.div_rn(1.0, scale)
-    return round_to_int8(tl.clamp(x * inv, -127.0, 127.0))
 
 
 @triton.jit

@@ -53,6 +53,18 @@ def test_attention_benchmark_smoke(tmp_path):
     assert report["tuning"] and all(rec["chosen"] and rec["reason"] for rec in report["tuning"].values())
 
 
+def test_passes_benchmark_smoke(tmp_path):
+    """Every launch shape the passes' sweep times computes what the default launch computes."""
+    report = _run("passes.py", tmp_path / "passes.json")
+    passes = report["shapes"]["smoke"]["passes"]
+    assert {"pool_queries int8 b64 (num_warps)", "key pass sla b64", "key pass sage b128",
+            "quantize_keys b128 fp8 V"} <= set(passes)
+    for name, sweep in passes.items():
+        assert len(sweep["launches"]) >= 2 and sweep["default"] in sweep["launches"], name
+        assert all(r["ms"] > 0 and r["same_output_as_default"] for r in sweep["launches"].values()), name
+        assert sweep["default_vs_fastest"] >= 1.0
+
+
 def test_host_probe_smoke(tmp_path):
     report = _run("host_probe.py", tmp_path / "host.json")
     assert set(report["ops"]) == {"sla", "sla-unselected", "sagesla"}

@@ -4,9 +4,9 @@ import pytest
 import torch
 import triton
 
-from turbo_kernels import block_mask
 from turbo_kernels.block_mask import (
     GEOMETRIES,
+    KeyPassLaunch,
     block_scores,
     build_block_mask,
     build_block_mask_ref,
@@ -69,13 +69,13 @@ def test_key_pass_reduces_the_linear_state_and_mean():
 
 @pytest.mark.parametrize("programs_per_sm", [1, 16])
 @pytest.mark.parametrize("block", [64, 128])
-def test_key_pass_walks_runs_of_blocks_tile_by_tile(monkeypatch, programs_per_sm, block):
-    """One program per head (a run of every block, 128-token blocks in two 64-row tiles with the
-    linear state) or many: the prefetching walk gives the same sums, state and ranges."""
-    monkeypatch.setattr(block_mask, "KEY_PASS_PROGRAMS_PER_SM", programs_per_sm)
+def test_key_pass_walks_runs_of_blocks_tile_by_tile(programs_per_sm, block):
+    """One program per head (a run of every block, each block in several tiles) or many: the
+    prefetching walk gives the same sums, state and ranges."""
+    launch = KeyPassLaunch(programs_per_sm=programs_per_sm)
     _, k, v = _qkv(length=650, heads=2, dim=128)
-    assert block_mask.key_pass_rows(128, 128, True) == 64
-    keys = pool_keys(k, block, v, linear=True, v_amax=True, k_mean=True)
+    assert block % launch.rows == 0 and block > launch.rows
+    keys = pool_keys(k, block, v, linear=True, v_amax=True, k_mean=True, launch=launch)
     phi = torch.softmax(k, dim=-1)
     torch.testing.assert_close(keys.pooled, _block_means(k - k.mean(1, keepdim=True), block), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(keys.mean, k.mean(1), atol=1e-6, rtol=1e-5)
