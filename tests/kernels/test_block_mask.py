@@ -84,6 +84,19 @@ def test_key_pass_walks_runs_of_blocks_tile_by_tile(programs_per_sm, block):
     torch.testing.assert_close(keys.v_scale, v.abs().amax(1) / 448.0)
 
 
+def test_key_pass_launch_shapes_agree():
+    """Every launch shape the benchmark sweeps (warps, rows per tile, programs per SM) computes the
+    same pass; the key block must be a whole number of tiles."""
+    _, k, v = _qkv(length=200, heads=2)
+    runs = [pool_keys(k, 64, v, linear=True, v_amax=True, k_mean=True, launch=launch)
+            for launch in (KeyPassLaunch(), KeyPassLaunch(4, 64, 16), KeyPassLaunch(2, 32, 1))]
+    for other in runs[1:]:
+        for name in ("block_sum", "mean", "kv_state", "k_state", "v_scale"):
+            torch.testing.assert_close(getattr(other, name), getattr(runs[0], name), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        pool_keys(k, 64, launch=KeyPassLaunch(rows=48))
+
+
 def test_key_pass_folds_proj_l_into_the_linear_state():
     _, k, v = _qkv(length=200, heads=2)
     weight = torch.randn(k.shape[-1], k.shape[-1]) / 8
