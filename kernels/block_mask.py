@@ -313,6 +313,13 @@ class KeyPassLaunch:
     streaming to the end."""
 
 
+INTERPRETER_KEY_PASS = KeyPassLaunch(num_warps=4, rows=64, programs_per_sm=16)
+"""The key pass's launch on the CPU when none is given. Triton's interpreter pays per loop
+iteration: with the GPU's 8-row tiles the CPU test suite took 33 minutes against 20, and the
+replica-kill test's retried 100-step sagesla job (tiny DiT) did not finish in 300 s, against 169 s
+with this launch. Kernel tests pass `KeyPassLaunch()` to check the GPU's launch itself."""
+
+
 def _programs_per_head(batch_heads: int, num_blocks: int, device: torch.device, launch: KeyPassLaunch) -> int:
     """Split each head's key blocks so the key pass runs launch.programs_per_sm programs per SM."""
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -357,7 +364,7 @@ def pool_keys(
     v_amax: bool = False,
     k_mean: bool = False,
     fold_weight: torch.Tensor | None = None,
-    launch: KeyPassLaunch = KeyPassLaunch(),
+    launch: KeyPassLaunch | None = None,
 ) -> KeyPass:
     """Triton pass over K (and V for its FP8 range): per-block sums, plus on request K's token mean,
     the SLA linear state, phi(K) and the FP8 V scale (one small reduce launch for these).
@@ -371,9 +378,10 @@ def pool_keys(
     Sage's 128-token pass, all in one H200 run.
     fold_weight: a (D, D) Linear weight W (SLA's proj_l) the reduce launch folds into the state,
     kv_state = S W^T / L, so the attention epilogue multiplies once (no host-side ops for it).
-    launch: the key pass's launch (`KeyPassLaunch`).
+    launch: the key pass's launch; None: `KeyPassLaunch()` on a GPU, INTERPRETER_KEY_PASS on the CPU.
     """
     B, L, H, D = k.shape
+    launch = launch or (KeyPassLaunch() if k.is_cuda else INTERPRETER_KEY_PASS)
     if block % launch.rows:
         raise ValueError(f"the key block ({block}) must be a multiple of the key pass's rows ({launch.rows})")
     if (linear or v_amax) and v is None:
