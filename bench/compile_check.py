@@ -269,7 +269,8 @@ def main() -> None:
             mix = r["sass"]
             print(f"{v.name:45s} regs {r['registers']:>3} spill {r['spill_bytes']:>4} smem {r['shared_bytes']:>6}"
                   f"{'' if r['fits_shared'] else ' (TOO BIG)'} sass {mix['total']:>5} (mma {mix['mma']} ex2 "
-                  f"{mix['exp2']} rcp {mix['rcp']} i2f {mix['i2f']} f2i {mix['f2i']} ldg {mix['global_load']} async {mix['async_copy']}) "
+                  f"{mix['exp2']} rcp {mix['rcp']} i2f {mix['i2f']} f2i {mix['f2i']} ldg {mix['global_load']} "
+                  f"async {mix['async_copy']}) "
                   f"mma {' '.join(r['mma'])}{' tma' if r['tma'] else ''}{' cp.async' if r['cp_async'] else ''}",
                   flush=True)
     out = args.out or RESULTS / f"compile_sm{args.arch}.json"

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from turbo_kernels.convert import quantize_values
+from turbo_kernels.convert import int8_scale, quantize_values
 from turbo_kernels.dispatch import use_triton
 
 GEOMETRIES = ((128, 64), (64, 128))
@@ -33,14 +33,7 @@ GEOMETRIES = ((128, 64), (64, 128))
 
 
 SAGE_MIN_SCALE = tl.constexpr(1e-20)
-"""Floor of Sage's per-block int8 scale (an all-zero block quantises to zeros, not NaN)."""
-
-
-@triton.jit
-def sage_block_scale(amax):
-    """Sage's int8 scale of a block whose max |x| is ``amax``: amax / 127 (IEEE, as torch divides),
-    at least SAGE_MIN_SCALE; values are then quantised by `quantize_values`."""
-    return tl.maximum(tl.math.div_rn(amax, 127.0), SAGE_MIN_SCALE)
+"""Floor of Sage's per-block int8 scale (`turbo_kernels.convert.int8_scale`)."""
 
 
 @triton.jit(do_not_specialize=["H", "L"])
@@ -61,7 +54,7 @@ def _pool_queries_kernel(Q, Pooled, QInt8, QScale,  #
     tl.store(Pooled + (pid_bh * tl.num_programs(0) + pid) * HEAD_DIM + offs_d, tl.sum(x, 0) / count)
     if QUANTIZE:
         x = x * quant_scale
-        scale = sage_block_scale(tl.max(tl.abs(x)))
+        scale = int8_scale(tl.max(tl.abs(x)), SAGE_MIN_SCALE)
         xq = quantize_values(x, scale)
         tl.store(QInt8 + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :], xq, mask=valid)
         tl.store(QScale + pid_bh * tl.num_programs(0) + pid, scale)

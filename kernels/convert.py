@@ -33,6 +33,13 @@ def round_to_int8(y):
 
 
 @triton.jit
+def int8_scale(amax, min_scale):
+    """Symmetric int8 scale of a block whose max |x| is ``amax`` (fp32): amax / 127 rounded as
+    torch divides (IEEE), at least ``min_scale`` (an all-zero block quantises to zeros, not NaN)."""
+    return tl.maximum(tl.math.div_rn(amax, 127.0), min_scale)
+
+
+@triton.jit
 def quantize_values(x, scale):
     """int8 of round-half-even(x * (1 / scale)) clamped to [-127, 127] (W8A8's `quantize_tiles`
     and Sage's `quantize_qk_ref` in torch): one IEEE reciprocal per call (scale is a tile's

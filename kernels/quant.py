@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from turbo_kernels.block_mask import SAGE_MIN_SCALE, sage_block_scale
-from turbo_kernels.convert import quantize_values
+from turbo_kernels.block_mask import SAGE_MIN_SCALE
+from turbo_kernels.convert import int8_scale, quantize_values
 from turbo_kernels.flash import LOG2E, QuantizedQK
 
 FP8_MAX = 448.0
@@ -54,7 +54,7 @@ def _quantize_keys_kernel(K, KMean, KInt8, KScale, V, VScale, VT8,  #
     k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows.to(tl.int64)[:, None] * stride_kl + offs_d[None, :],
                 mask=valid, other=0.0)
     k = tl.where(valid, k.to(tl.float32) - tl.load(KMean + pid_bh * HEAD_DIM + offs_d)[None, :], 0.0)
-    scale = sage_block_scale(tl.max(tl.abs(k)))
+    scale = int8_scale(tl.max(tl.abs(k)), SAGE_MIN_SCALE)
     tl.store(KInt8 + (pid_bh.to(tl.int64) * L + rows[:, None]) * HEAD_DIM + offs_d[None, :],
              quantize_values(k, scale), mask=valid)
     tl.store(KScale + pid_bh * tl.num_programs(0) + pid, scale)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from turbo_kernels.autotune import close_to_reference, pick_config
-from turbo_kernels.convert import int32_to_float_exact, quantize_values
+from turbo_kernels.convert import int32_to_float_exact, int8_scale, quantize_values
 from turbo_kernels.dispatch import use_triton
 from turbo_kernels.tma import ensure_tma_allocator, tma_candidates_allowed, tma_ready
 
@@ -78,7 +78,7 @@ def tile_scale(amax):
     Fusion point: a kernel that produces a 128x128 activation tile (a norm, a GELU) can quantise
     it on the fly with `tile_scale` and `quantize_values` and hand the result to `w8a8_matmul`;
     the two give exactly `quantize_tiles`."""
-    return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-12)
+    return int8_scale(amax, 1e-12)
 
 
 @triton.jit
